@@ -1,0 +1,1 @@
+"""Placeholder: the model helper replaces this file."""
