@@ -42,21 +42,27 @@ def run_to_end(
             on_progress(event)
 
 
-def text_progress(prefix: str = ""):
-    """A tqdm-backed ``on_progress`` callback for the CLI (one bar per stage)."""
+def text_progress(prefix: str = "", log_stages: tuple = ("epoch",)):
+    """A tqdm-backed ``on_progress`` callback for the CLI.
+
+    One bar per stage (a new stage closes the previous bar); events of ``log_stages``
+    (per-epoch summaries) are printed as lines above the bar instead.
+    """
     from tqdm import tqdm
 
-    bars: dict[str, tqdm] = {}
+    state: dict = {"stage": None, "bar": None}
 
     def callback(event: Progress) -> None:
-        bar = bars.get(event.stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bars.clear()
-            bar = bars[event.stage] = tqdm(
-                total=event.total, desc=f"{prefix}{event.stage}", unit="", leave=True
-            )
+        if event.stage in log_stages:
+            tqdm.write(f"{prefix}{event.message}")
+            return
+        bar = state["bar"]
+        if state["stage"] != event.stage or bar is None:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=event.total, desc=f"{prefix}{event.stage}", leave=True,
+                                      dynamic_ncols=True)
+            state["stage"] = event.stage
         if bar.total != event.total:
             bar.total = event.total
         bar.n = event.done
@@ -64,5 +70,10 @@ def text_progress(prefix: str = ""):
             bar.set_postfix_str(event.message, refresh=False)
         bar.refresh()
 
-    callback.close = lambda: [b.close() for b in bars.values()]  # type: ignore[attr-defined]
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+
+    callback.close = close  # type: ignore[attr-defined]
     return callback

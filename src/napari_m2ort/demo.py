@@ -1,0 +1,201 @@
+"""``napari-m2ort demo``: the real GUI path, driven headless.
+
+Opens the bundled HER2+ sample in a napari viewer, docks the Predict expression widget,
+draws a tissue-rich rectangle holding about ``--spots`` Visium spots, presses Predict,
+and writes ``predictions.h5ad`` (through the widget's export) and ``overlay.png`` (a
+screenshot of the canvas: predicted expression of one gene over the tissue, colorbar,
+legend and scale bar).  Without a display it starts a private Xvfb server for the run
+(napari needs a real OpenGL context: Qt's ``offscreen`` platform cannot draw layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import M2ORTError
+
+
+# ------------------------------------------------------------------ display
+
+def _free_display() -> int:
+    for n in range(99, 400):
+        if not Path(f"/tmp/.X{n}-lock").exists() and not Path(f"/tmp/.X11-unix/X{n}").exists():
+            return n
+    raise M2ORTError("No free X display number for Xvfb (all of :99-:399 are taken).")
+
+
+@contextlib.contextmanager
+def virtual_display(size: str = "1600x1200x24"):
+    """Yield with a usable X display: the current one, or a private Xvfb started here."""
+    if os.environ.get("QT_QPA_PLATFORM", "") == "offscreen":
+        os.environ.pop("QT_QPA_PLATFORM")  # offscreen Qt cannot render napari layers
+    if sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        yield None
+        return
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        raise M2ORTError(
+            "There is no display and Xvfb is not installed: run the demo on a desktop, install "
+            "Xvfb (e.g. apt-get install xvfb), or run it under xvfb-run -a."
+        )
+    n = _free_display()
+    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", size, "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = Path(f"/tmp/.X11-unix/X{n}")
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise M2ORTError(f"Xvfb could not start on display :{n}; run the demo under xvfb-run -a.")
+        time.sleep(0.05)
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = f":{n}"
+    try:
+        yield n
+    finally:
+        if old is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = old
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ------------------------------------------------------------------ region choice
+
+def tissue_rich_region(slide_layer, n_spots: int, pitch_um: float = 100.0) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) µm of a square holding about ``n_spots`` hex spots, where the
+    tissue is densest (tissue mask of the slide, box-filtered)."""
+    from scipy import ndimage
+
+    from .spots import tissue_mask
+    from .widgets._layers import LayerSlide, layer_mpp
+
+    mpp, source = layer_mpp(slide_layer)
+    path = (slide_layer.metadata or {}).get("path")
+    if path:
+        from .io.slides import open_slide
+
+        slide = open_slide(path, mpp=mpp)
+    else:
+        slide = LayerSlide(slide_layer, mpp, source)
+    side = math.sqrt(max(1, n_spots) * pitch_um * pitch_um * math.sqrt(3) / 2)
+    mask = tissue_mask(slide, max_px=1024)
+    win = max(1, int(round(side / mask.um_per_px)))
+    density = ndimage.uniform_filter(mask.mask.astype(np.float32), size=win, mode="constant")
+    r, c = np.unravel_index(int(np.argmax(density)), density.shape)
+    cy, cx = (r + 0.5) * mask.um_per_px, (c + 0.5) * mask.um_per_px
+    return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+
+
+# ------------------------------------------------------------------ the demo
+
+def _wait(app, predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise M2ORTError(f"The demo timed out after {timeout:.0f} s.")
+        app.processEvents()
+        time.sleep(0.01)
+    app.processEvents()
+
+
+def _run(args, out: Path) -> int:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    n_spots = int(getattr(args, "spots", 100) or 100)
+    t_start = time.perf_counter()
+    viewer = napari.Viewer(show=True, title="napari-m2ort demo")
+    try:
+        viewer.window.resize(1600, 1100)
+        app = QApplication.instance()
+        viewer.open_sample("napari-m2ort", "her2st_c2")
+        _, widget = viewer.window.add_plugin_dock_widget("napari-m2ort", "Predict expression")
+        model = getattr(args, "model", None)
+        if model and model != "bundled":
+            widget.add_checkpoint(model)
+        if widget.model_spec() is None:
+            from .model.weights import load_bundled
+
+            load_bundled()  # raises the clear "bundled weights missing" error
+        device = getattr(args, "device", "auto") or "auto"
+        if widget.device_combo.findText(device) < 0:
+            raise M2ORTError(f"--device {device}: not available here (use one of "
+                             f"{', '.join(widget.device_combo.itemText(i) for i in range(widget.device_combo.count()))}).")
+        widget.device_combo.setCurrentText(device)
+        widget.layout_combo.setCurrentIndex(widget.layout_combo.findData("visium"))
+        widget.tissue_check.setChecked(True)
+        slide_layer = widget.slide_layer()
+        for layer in viewer.layers:  # the measured spots would hide the predicted ones
+            if layer is not slide_layer:
+                layer.visible = False
+        x0, y0, x1, y1 = tissue_rich_region(slide_layer, n_spots)
+        shapes = widget.add_regions_layer()
+        shapes.add_rectangles(np.array([[y0, x0], [y1, x1]]))
+        shapes.mode = "pan_zoom"
+        shapes.opacity = 0.8
+        _wait(app, lambda: True, 1)
+        t_load = time.perf_counter() - t_start
+
+        t0 = time.perf_counter()
+        job = widget.predict_regions()
+        if job is None:
+            raise M2ORTError(widget.last_error or "The prediction did not start.")
+        _wait(app, lambda: not widget.running, 1800)
+        if widget.last_error:
+            raise M2ORTError(widget.last_error)
+        layer = widget.predictions_layer()
+        if layer is None or not len(layer.data):
+            raise M2ORTError("The demo predicted no spots.")
+        genes = list(layer.features.columns)
+        gene = getattr(args, "gene", None) or ("ERBB2" if "ERBB2" in genes else genes[0])
+        if gene not in genes:
+            raise M2ORTError(f"--gene {gene}: not in the model's panel ({len(genes)} genes, e.g. "
+                             f"{', '.join(genes[:5])}).")
+        widget.set_gene(gene)
+        # zoom onto the region, with a margin
+        h, w = viewer.canvas.size
+        viewer.camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+        viewer.camera.zoom = 0.85 * min(h / (y1 - y0), w / (x1 - x0))
+        _wait(app, lambda: True, 1)
+        for _ in range(10):
+            app.processEvents()
+            time.sleep(0.02)
+        png = out / "overlay.png"
+        viewer.screenshot(str(png), canvas_only=True, flash=False)
+        t_overlay = time.perf_counter() - t0
+        h5ad = widget.export_h5ad(out / "predictions.h5ad")
+        if h5ad is None:
+            raise M2ORTError(widget.last_error or "Export failed.")
+        run = widget.last_run
+        print(f"wrote {h5ad}")
+        print(f"wrote {png}")
+        print(f"spots: {len(layer.data)} predicted ({run.get('device', '?')}), gene shown: {gene}")
+        print(f"time from Predict to overlay: {t_overlay:.1f} s "
+              f"(prediction {run.get('seconds', float('nan')):.1f} s, "
+              f"{run.get('spots_per_s') or float('nan'):.1f} spots/s; viewer and sample opened in {t_load:.1f} s)")
+        return 0
+    finally:
+        viewer.close()
+
+
+def run_demo(args) -> int:
+    out = Path(getattr(args, "out", "demo_out") or "demo_out")
+    out.mkdir(parents=True, exist_ok=True)
+    import napari_m2ort  # noqa: F401  (torch before Qt)
+
+    with virtual_display():
+        return _run(args, out)

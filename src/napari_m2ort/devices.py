@@ -1,0 +1,53 @@
+"""Device and precision choice, in one place for inference and training."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import M2ORTError
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.insert(0, "cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.insert(0, "mps")
+    return devices
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    name = (device or "auto").lower()
+    if name == "auto":
+        return torch.device(available_devices()[0])
+    base = name.split(":")[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise M2ORTError(f"Unknown device {device!r}: use auto, cuda, mps or cpu.")
+    if base != "cpu" and base not in available_devices():
+        raise M2ORTError(
+            f"Device {device!r} was asked for but is not available on this machine "
+            f"(available: {', '.join(available_devices())}); use --device auto or cpu."
+        )
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    ``auto`` is bf16 on CUDA and fp16 on MPS; on CPU it is fp32, because bf16 autocast
+    is only faster on CPUs with native bf16 matmul (AMX/AVX512-BF16) and we cannot know
+    that the user's CPU has it. ``bf16`` can be asked for explicitly.
+    """
+    p = (precision or "auto").lower()
+    if p == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type == "mps":
+            return torch.float16
+        return None
+    table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if p not in table:
+        raise M2ORTError(f"Unknown precision {precision!r}: use auto, fp32, bf16 or fp16.")
+    return table[p]

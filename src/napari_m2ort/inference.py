@@ -1,0 +1,156 @@
+"""Batched, stoppable prediction of expression at spot centres.
+
+``predict`` is a generator (see ``progress``): the GUI runs it in a worker, the CLI with
+a text bar, dask workers per tile.  Patches of the next batches are read in background
+threads while the model computes the current one; tile reading releases the GIL (zarr,
+imagecodecs), so both cores stay busy.  Stopping between batches returns a partial
+``Prediction`` whose ``done`` mask says which spots have values.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .devices import resolve_device, resolve_precision
+from .errors import M2ORTError
+from .patches import model_inputs, sample_spots, spatial_order
+from .progress import Job, Progress
+
+
+@dataclass
+class Prediction:
+    centers_um: np.ndarray  # (N, 2) x, y
+    values: np.ndarray  # (N, G) float32, NaN where not done
+    done: np.ndarray  # (N,) bool
+    genes: list
+    outside: np.ndarray  # (N,) bool
+    blank: np.ndarray  # (N,) bool
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_done(self) -> int:
+        return int(self.done.sum())
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+
+def predict(
+    slide,
+    centers_um: np.ndarray,
+    model: torch.nn.Module,
+    card,
+    device: str = "auto",
+    batch_size: int = 64,
+    precision: str = "auto",
+    should_stop: Optional[Callable[[], bool]] = None,
+    prefetch: int = 2,
+) -> Job[Prediction]:
+    centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
+    n, genes = len(centers_um), list(card.genes)
+    if n == 0:
+        raise M2ORTError("There are no spots to predict: the region holds no spot centres.")
+    if getattr(slide, "mpp_source", "metadata") == "default":
+        warnings.warn(
+            f"{slide.path}: the pixel size is unknown and was assumed to be {slide.mpp} µm/px; "
+            "predictions are only meaningful at the right scale. Pass --mpp (CLI) or set it "
+            "in the widget.",
+            stacklevel=2,
+        )
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    model = model.to(dev).eval()
+    values = np.full((n, len(genes)), np.nan, dtype=np.float32)
+    done = np.zeros(n, dtype=bool)
+    outside = np.zeros(n, dtype=bool)
+    blank = np.zeros(n, dtype=bool)
+    order = spatial_order(centers_um)
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    t0 = time.perf_counter()
+    yield Progress("predict", 0, n, f"{n} spots on {dev.type}")
+
+    def load(idx):
+        return idx, sample_spots(slide, centers_um[idx], card.mpp)
+
+    bs = batch_size
+    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+        pending = [pool.submit(load, b) for b in batches[: prefetch + 1]]
+        next_batch = len(pending)
+        stopped = False
+        while pending:
+            idx, patches = pending.pop(0).result()
+            if next_batch < len(batches):
+                pending.append(pool.submit(load, batches[next_batch]))
+                next_batch += 1
+            out, bs = _forward_adaptive(model, patches.level1, dev, amp, bs)
+            values[idx] = out
+            done[idx] = True
+            outside[idx] = patches.outside
+            blank[idx] = patches.blank
+            k = int(done.sum())
+            yield Progress(
+                "predict", k, n, f"{k}/{n} spots",
+                data={"indices": idx, "values": out},
+            )
+            if should_stop is not None and should_stop():
+                stopped = True
+                for f in pending:
+                    f.cancel()
+                break
+    elapsed = time.perf_counter() - t0
+    nb = int(blank[done].sum())
+    if nb:
+        warnings.warn(
+            f"{nb} of {int(done.sum())} spots show no tissue (white or uniform patches); "
+            "their predictions are unreliable.",
+            stacklevel=2,
+        )
+    info = {
+        "device": str(dev), "precision": str(amp).replace("torch.", "") if amp else "float32",
+        "batch_size": bs, "seconds": elapsed, "stopped": stopped,
+        "spots_per_s": float(done.sum()) / elapsed if elapsed > 0 else float("nan"),
+    }
+    return Prediction(centers_um, values, done, genes, outside, blank, info)
+
+
+def _forward_adaptive(model, level1, dev, amp, batch_size):
+    """Forward in chunks of ``batch_size``; halve it on GPU out-of-memory and go on."""
+    outs = []
+    i = 0
+    while i < len(level1):
+        chunk = level1[i : i + batch_size]
+        try:
+            outs.append(forward_batch(model, chunk, dev, amp))
+            i += len(chunk)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size <= 1:
+                raise
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            warnings.warn(f"GPU out of memory: continuing with batch size {batch_size}.", stacklevel=2)
+    return np.concatenate(outs, axis=0), batch_size
+
+
+@torch.inference_mode()
+def forward_batch(model, level1_uint8, dev, amp=None) -> np.ndarray:
+    l1, l2, l3 = model_inputs(level1_uint8, device=dev)
+    if amp is not None:
+        with torch.autocast(device_type=dev.type, dtype=amp):
+            y = model(l1, l2, l3)
+    else:
+        y = model(l1, l2, l3)
+    out = y.float().cpu().numpy()
+    if not np.isfinite(out).all():
+        raise M2ORTError(
+            "The model produced non-finite values (NaN/inf). The weights may be corrupt or the "
+            "precision too low: try --precision fp32 or reload the model."
+        )
+    return out

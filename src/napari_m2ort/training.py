@@ -1,0 +1,361 @@
+"""Training and fine-tuning as a stoppable generator (see ``progress``).
+
+Patches are sampled once per section and kept in memory as uint8 (150 kB per spot), so
+an epoch costs only the model.  Validation uses held-out sections or held-out spatial
+blocks, never random spots: neighbouring spots share tissue and would leak.  The best
+epoch (validation PCC-gene) is written atomically as safetensors with its model card, so
+stopping at any step leaves the best checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import augment_level1
+from .devices import resolve_device, resolve_precision
+from .errors import M2ORTError
+from .progress import Job, Progress
+
+
+@dataclass
+class CachedSection:
+    """One section's patches and targets on a fixed gene panel."""
+
+    name: str
+    level1: np.ndarray  # (N, 224, 224, 3) uint8
+    y: np.ndarray  # (N, G) float32 normalised targets
+    centers_um: np.ndarray  # (N, 2)
+    genes: list
+    genes_missing: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, mask: np.ndarray, suffix: str = "") -> "CachedSection":
+        return CachedSection(self.name + suffix, self.level1[mask], self.y[mask],
+                             self.centers_um[mask], self.genes, self.genes_missing)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    lr: float = 1e-4
+    batch_size: int = 96
+    weight_decay: float = 0.0
+    mode: str = "full"  # "full" | "head"
+    augment: bool = True
+    rotate: bool = True
+    color_jitter: float = 0.0
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 1
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    card: object
+    history: list
+    best_epoch: int
+    best_metrics: dict
+    checkpoint: Optional[Path]
+    stopped: bool
+    epochs_done: int
+    seconds: float
+
+
+# ---------------------------------------------------------------- data preparation
+
+def section_centers_um(section) -> np.ndarray:
+    return np.asarray(section.adata.obsm["spatial"], dtype=float)[:, :2] * float(section.mpp)
+
+
+def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Optional[Path] = None,
+                    allow_missing: bool = False) -> Job[CachedSection]:
+    """Sample each spot's patch once and compute panel-normalised targets."""
+    from .io.slides import open_slide
+    from .patches import sample_spots
+    from .targets import normalize_counts
+
+    adata = section.adata
+    var = list(map(str, adata.var_names))
+    index = {g: i for i, g in enumerate(var)}
+    missing = [g for g in genes if g not in index]
+    if missing and not allow_missing:
+        raise M2ORTError(
+            f"{section.name}: {len(missing)} of {len(genes)} panel genes are not in this data "
+            f"(e.g. {', '.join(missing[:5])}). Choose a panel from this data (e.g. top:250) or "
+            "fine-tune with a new head."
+        )
+    if len(missing) == len(genes):
+        raise M2ORTError(f"{section.name}: none of the {len(genes)} panel genes is in this data.")
+    counts = _dense(adata.X)
+    panel = np.zeros((counts.shape[0], len(genes)), dtype=np.float32)
+    for j, g in enumerate(genes):
+        if g in index:
+            panel[:, j] = counts[:, index[g]]
+    y, keep = normalize_counts(panel, np.arange(len(genes)))
+    y = np.asarray(y, dtype=np.float32)
+    if y.shape[0] != int(np.sum(keep)):
+        y = y[keep]
+    if not np.all(keep):
+        warnings.warn(f"{section.name}: {int((~keep).sum())} spots with no panel counts were dropped.", stacklevel=2)
+    centers = section_centers_um(section)[keep]
+    if section.image_path is None:
+        raise M2ORTError(f"{section.name}: no image is paired with these spots; give the H&E image.")
+    cache_file = None
+    if cache_dir is not None:
+        key = hashlib.sha1()
+        st = Path(section.image_path).stat()
+        key.update(f"{Path(section.image_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{section.mpp}|{mpp}".encode())
+        key.update(np.ascontiguousarray(centers).tobytes())
+        cache_file = Path(cache_dir) / f"{section.name}-{key.hexdigest()[:16]}.npy"
+        if cache_file.exists():
+            level1 = np.load(cache_file, mmap_mode=None)
+            yield Progress("patches", len(centers), len(centers), f"{section.name}: cached")
+            return CachedSection(section.name, level1, y, centers, list(genes), missing)
+    slide = open_slide(section.image_path, mpp=section.mpp)
+    n = len(centers)
+    level1 = np.empty((n, 224, 224, 3), dtype=np.uint8)
+    step = 64
+    for i in range(0, n, step):
+        level1[i : i + step] = sample_spots(slide, centers[i : i + step], mpp).level1
+        yield Progress("patches", min(n, i + step), n, f"{section.name}: sampling patches")
+    slide.close()
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, level1)
+        os.replace(tmp, cache_file)
+    return CachedSection(section.name, level1, y, centers, list(genes), missing)
+
+
+def _dense(x) -> np.ndarray:
+    if hasattr(x, "toarray"):
+        x = x.toarray()
+    return np.asarray(x, dtype=np.float32)
+
+
+def spatial_block_split(centers_um: np.ndarray, block_um: float = 1000.0, val_fraction: float = 0.2,
+                        seed: int = 0) -> np.ndarray:
+    """Validation mask made of whole square blocks of tissue (no neighbour leakage)."""
+    if len(centers_um) < 10:
+        raise M2ORTError(
+            f"Only {len(centers_um)} spots: too few to hold out spatial blocks for validation. "
+            "Add another section for validation."
+        )
+    bx = np.floor(centers_um[:, 0] / block_um).astype(np.int64)
+    by = np.floor(centers_um[:, 1] / block_um).astype(np.int64)
+    blocks = np.unique(np.stack([bx, by], 1), axis=0)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(blocks)
+    val = np.zeros(len(centers_um), dtype=bool)
+    target = val_fraction * len(centers_um)
+    for b in blocks:
+        if val.sum() >= target:
+            break
+        val |= (bx == b[0]) & (by == b[1])
+    if val.all() or not val.any():
+        raise M2ORTError("Could not split the spots into training and validation blocks; use a held-out section.")
+    return val
+
+
+# ---------------------------------------------------------------- batches
+
+def _inputs(level1_uint8: np.ndarray, dev, augment: bool, rotate: bool, jitter: float,
+            gen: Optional[torch.Generator]):
+    x = torch.from_numpy(level1_uint8).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
+    if augment:
+        x = augment_level1(x, gen, rotate=rotate)
+        if jitter > 0:
+            b = x.shape[0]
+            gain = 1.0 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1).to(dev) * jitter
+            bias = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1).to(dev) * jitter * 0.5
+            x = (x * gain + bias).clamp_(0.0, 1.0)
+    return x.contiguous(), F.avg_pool2d(x, 2).contiguous(), F.avg_pool2d(x, 4).contiguous()
+
+
+@torch.inference_mode()
+def predict_cached(model, level1: np.ndarray, device="cpu", precision: str = "fp32",
+                   batch_size: int = 64) -> np.ndarray:
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    amp = resolve_precision(precision, dev)
+    model.eval()
+    outs = []
+    for i in range(0, len(level1), batch_size):
+        l1, l2, l3 = _inputs(level1[i : i + batch_size], dev, False, False, 0.0, None)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            outs.append(model(l1, l2, l3).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def evaluate_cached(model, sections: Sequence[CachedSection], train_mean: Optional[np.ndarray],
+                    device="cpu", precision="fp32", batch_size: int = 64) -> dict:
+    from .metrics import evaluate
+
+    level1 = np.concatenate([s.level1 for s in sections])
+    true = np.concatenate([s.y for s in sections])
+    pred = predict_cached(model, level1, device, precision, batch_size)
+    genes = sections[0].genes
+    missing = set().union(*[set(s.genes_missing) for s in sections])
+    keep = np.array([g not in missing for g in genes])
+    res = evaluate(pred[:, keep], true[:, keep], [g for g, k in zip(genes, keep) if k],
+                   train_mean=None if train_mean is None else np.asarray(train_mean)[keep])
+    res["genes_missing"] = sorted(missing)
+    return res
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
+          val_sets: Sequence[CachedSection] = (), config: Optional[TrainConfig] = None,
+          out_path: Optional[Path] = None, should_stop: Optional[Callable[[], bool]] = None,
+          start_epoch: int = 0) -> Job[TrainResult]:
+    from .model.weights import save_checkpoint
+
+    cfg = config or TrainConfig()
+    if not train_sets or sum(len(s) for s in train_sets) == 0:
+        raise M2ORTError("There are no training spots: load at least one section with spots on the slide.")
+    genes = list(card.genes)
+    for s in list(train_sets) + list(val_sets):
+        if list(s.genes) != genes:
+            raise M2ORTError(f"{s.name}: its gene panel differs from the model's; prepare it with the model's genes.")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    dev = resolve_device(cfg.device)
+    amp = resolve_precision(cfg.precision, dev)
+    model = model.to(dev)
+    level1 = np.concatenate([s.level1 for s in train_sets])
+    y = torch.from_numpy(np.concatenate([s.y for s in train_sets]).astype(np.float32))
+    train_mean = y.mean(0).numpy()
+    if card.target_mean is None:
+        # A new head starts at the training mean profile rather than at zero: targets are
+        # log1p-CPM (about 5–10), and learning that offset from zero wastes epochs.
+        _init_head_bias(model, train_mean)
+    card.target_mean = [float(v) for v in train_mean]
+    if cfg.mode == "head":
+        head = _head(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head.parameters():
+            p.requires_grad_(True)
+    elif cfg.mode != "full":
+        raise M2ORTError(f"Unknown fine-tuning mode {cfg.mode!r}: use 'full' or 'head'.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(y)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    history: list[dict] = []
+    best_score, best_epoch, best_metrics, best_state = -np.inf, -1, {}, None
+    stopped = False
+    t0 = time.perf_counter()
+    step = 0
+    epoch = start_epoch
+    yield Progress("train", 0, total, f"{n} training spots, {sum(len(s) for s in val_sets)} validation")
+    for e in range(cfg.epochs):
+        epoch = start_epoch + e + 1
+        model.train()
+        if cfg.mode == "head":
+            model.eval()  # keep frozen parts deterministic (no dropout)
+        perm = rng.permutation(n)
+        losses = []
+        te = time.perf_counter()
+        for b in range(steps_per_epoch):
+            idx = np.sort(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+            if len(idx) == 0:
+                continue
+            l1, l2, l3 = _inputs(level1[idx], dev, cfg.augment, cfg.rotate, cfg.color_jitter, gen)
+            target = y[idx].to(dev)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                pred = model(l1, l2, l3)
+            loss = F.mse_loss(pred.float(), target)
+            if not torch.isfinite(loss):
+                raise M2ORTError("The training loss became NaN/inf: lower the learning rate.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            yield Progress("train", step, total, f"epoch {epoch} loss {losses[-1]:.4f}",
+                           data={"epoch": epoch, "step": step, "loss": losses[-1]})
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+        if stopped:
+            break
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - te}
+        if val_sets and (e + 1) % cfg.eval_every == 0:
+            metrics = evaluate_cached(model, val_sets, train_mean, dev, cfg.precision)
+            record["val"] = {k: v for k, v in metrics.items() if k != "per_gene"}
+            score = metrics["pcc_gene_mean"]
+            if score is not None and np.isfinite(score) and score > best_score:
+                best_score, best_epoch, best_metrics = score, epoch, record["val"]
+                best_state = copy.deepcopy(model.state_dict())
+                if out_path is not None:
+                    card.metrics = {"validation": best_metrics, "best_epoch": best_epoch}
+                    save_checkpoint(model, card, out_path)
+        elif not val_sets:
+            best_epoch, best_state = epoch, None
+            if out_path is not None:
+                card.metrics = {"validation": None, "epochs": epoch}
+                save_checkpoint(model, card, out_path)
+        history.append(record)
+        yield Progress("epoch", e + 1, cfg.epochs, _epoch_message(record), data=dict(record))
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return TrainResult(model, card, history, best_epoch, best_metrics,
+                       Path(out_path) if out_path is not None and Path(out_path).exists() else None,
+                       stopped, epoch if not stopped else epoch - 1, time.perf_counter() - t0)
+
+
+def _epoch_message(record: dict) -> str:
+    msg = f"epoch {record['epoch']}: loss {record['train_loss']:.4f}"
+    if "val" in record:
+        v = record["val"]
+        msg += f", val PCC-gene {_fmt(v['pcc_gene_mean'])}, PCC-spot {_fmt(v['pcc_spot_mean'])}"
+    return msg
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _init_head_bias(model, mean: np.ndarray) -> None:
+    try:
+        head = _head(model)
+    except M2ORTError:
+        return
+    bias = getattr(head, "bias", None)
+    if isinstance(bias, torch.nn.Parameter) and bias.shape == (len(mean),):
+        with torch.no_grad():
+            bias.copy_(torch.as_tensor(mean, dtype=bias.dtype))
+
+
+def _head(model):
+    for name in ("head", "fc", "classifier"):
+        m = getattr(model, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    if hasattr(model, "backbone"):
+        return _head(model.backbone)
+    raise M2ORTError("This model has no recognisable head to fine-tune alone; use mode 'full'.")

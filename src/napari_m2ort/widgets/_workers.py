@@ -1,0 +1,210 @@
+"""Generator → napari worker glue shared by the two dock widgets.
+
+A core job is a generator that yields ``Progress`` and returns its result (see
+``napari_m2ort.progress``).  ``start_job`` runs one in a napari ``thread_worker`` and
+forwards, in the main thread:
+
+- each ``Progress`` to ``on_progress`` and to a napari progress bar (activity dock);
+- the returned value to ``on_done``;
+- an ``M2ORTError`` (a problem the user can fix) to ``on_failed`` and to a napari error
+  notification carrying just its message (no traceback);
+- always, at the very end, ``on_finished``.
+
+Stopping is cooperative: ``JobHandle.cancel()`` sets a flag that the job reads through the
+``should_stop`` callable it was built with, so the job ends after its current batch or
+step and returns what it has (partial predictions, best checkpoint).  Unexpected
+exceptions (bugs) still reach napari's own error notification, with a traceback.
+
+A small registry lets the fine-tuning widget find the prediction widget docked in the
+same viewer ("Use for prediction") without holding strong references to either.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Optional
+
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error
+
+from ..errors import M2ORTError
+from ..progress import Progress
+
+
+@dataclass
+class JobFailed:
+    """Returned by the worker when the job raised an ``M2ORTError``."""
+
+    error: M2ORTError
+
+
+def _run(make_job: Callable[[Callable[[], bool]], Generator], stop: threading.Event):
+    """The worker's generator: the core job, with user errors turned into a value."""
+    try:
+        job = make_job(stop.is_set)
+        result = yield from job
+    except M2ORTError as exc:
+        return JobFailed(exc)
+    return result
+
+
+@dataclass
+class JobHandle:
+    worker: GeneratorWorker
+    stop: threading.Event
+    desc: str
+    pbar: Any = None
+    finished: bool = False
+    result: Any = None
+    error: Optional[BaseException] = None
+    events: list = field(default_factory=list)
+
+    def cancel(self) -> None:
+        """Ask the job to stop after its current batch/step (results so far are kept)."""
+        self.stop.set()
+
+    @property
+    def running(self) -> bool:
+        return not self.finished
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop.is_set()
+
+
+def start_job(
+    make_job: Callable[[Callable[[], bool]], Generator],
+    *,
+    desc: str,
+    on_progress: Optional[Callable[[Progress], Any]] = None,
+    on_done: Optional[Callable[[Any], Any]] = None,
+    on_failed: Optional[Callable[[BaseException], Any]] = None,
+    on_finished: Optional[Callable[[], Any]] = None,
+    show_progress: bool = True,
+) -> JobHandle:
+    """Run ``make_job(should_stop)`` (a Progress generator) in a napari thread worker."""
+    stop = threading.Event()
+    handle = JobHandle(worker=None, stop=stop, desc=desc)  # type: ignore[arg-type]
+    if show_progress:
+        try:
+            handle.pbar = napari_progress(total=0, desc=desc)
+        except Exception:  # pragma: no cover - no activity dock: keep going without it
+            handle.pbar = None
+
+    def _yielded(event):
+        if not isinstance(event, Progress):
+            return
+        if on_progress is not None:
+            on_progress(event)
+        pbar = handle.pbar
+        if pbar is not None:
+            try:
+                if pbar.total != event.total:
+                    pbar.total = event.total
+                    pbar.n = 0
+                pbar.set_description(f"{desc}: {event.stage}")
+                pbar.update(max(0, event.done - pbar.n))
+            except Exception:  # pragma: no cover - the bar is decoration only
+                pass
+
+    def _returned(value):
+        if isinstance(value, JobFailed):
+            handle.error = value.error
+            show_error(str(value.error))
+            if on_failed is not None:
+                on_failed(value.error)
+            return
+        handle.result = value
+        if on_done is not None:
+            on_done(value)
+
+    def _errored(exc):
+        # napari's own handler already shows the notification (with traceback).
+        handle.error = exc
+        if on_failed is not None:
+            on_failed(exc)
+
+    def _finished():
+        if handle.pbar is not None:
+            try:
+                handle.pbar.close()
+            except Exception:  # pragma: no cover
+                pass
+            handle.pbar = None
+        handle.finished = True
+        if on_finished is not None:
+            on_finished()
+
+    # napari's progress widgets call QApplication.processEvents() when updated, so a
+    # handler can be re-entered by the next queued signal.  Every signal goes through one
+    # queue drained by the outermost call: handlers run one at a time, in emission order.
+    pending: deque = deque()
+    draining = [False]
+
+    def dispatch(handler):
+        def slot(*args):
+            pending.append((handler, args))
+            if draining[0]:
+                return
+            draining[0] = True
+            try:
+                while pending:
+                    h, a = pending.popleft()
+                    h(*a)
+            finally:
+                draining[0] = False
+
+        return slot
+
+    # Connecting "errored" here stops superqt from re-raising the exception in the main
+    # thread; napari's worker class still relays it to a notification.
+    worker = create_worker(
+        _run, make_job, stop, _start_thread=False,
+        _connect={"yielded": dispatch(_yielded), "returned": dispatch(_returned),
+                  "errored": dispatch(_errored), "finished": dispatch(_finished)},
+    )
+    handle.worker = worker
+    worker.start()
+    return handle
+
+
+def run_in_thread(
+    func: Callable[[], Any],
+    *,
+    on_done: Optional[Callable[[Any], Any]] = None,
+    on_failed: Optional[Callable[[BaseException], Any]] = None,
+    on_finished: Optional[Callable[[], Any]] = None,
+    desc: str = "",
+) -> JobHandle:
+    """A plain function (file reading, model loading) as a one-step job."""
+
+    def make_job(_should_stop):
+        yield Progress(desc or "working", 0, 1)
+        return func()
+
+    return start_job(make_job, desc=desc or "working", on_done=on_done, on_failed=on_failed,
+                     on_finished=on_finished, show_progress=bool(desc))
+
+
+# ------------------------------------------------------------------ widget registry
+
+_PREDICT_WIDGETS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def register_predict_widget(widget) -> None:
+    _PREDICT_WIDGETS.add(widget)
+
+
+def predict_widget_for(viewer):
+    """The prediction widget docked in ``viewer``, if any (else None)."""
+    for w in list(_PREDICT_WIDGETS):
+        try:
+            if w.viewer is viewer:
+                return w
+        except RuntimeError:  # its C++ side is gone
+            continue
+    return None
