@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import torch  # noqa: F401  (import torch before Qt starts)
+import napari_m2ort  # noqa: F401  (imports torch before Qt starts; makes timm importable)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("M2ORT_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -216,6 +216,26 @@ def test_perturbing_one_region_changes_only_its_token(level):
     assert diff.max() == 0, "another token or another level's channels changed"
 
 
+def test_cpu_fast_path_matches_plain_linear(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = inputs(2)
+    with torch.inference_mode():
+        fast = model(*x)
+        monkeypatch.setattr(m2ort_mod, "USE_ONEDNN", False)
+        plain = model(*x)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_input_same_result():
+    """NHWC memory (e.g. a permuted view of uint8 patches) makes patch cutting cheap."""
+    model = tiny().eval()
+    x = inputs(2)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in x]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(*cl), model(*x), rtol=1e-5, atol=1e-6)
+
+
 # -- reduced precision ----------------------------------------------------------------------
 def test_bf16_autocast_close_to_fp32(small):
     x = inputs(2)
@@ -225,3 +245,4 @@ def test_bf16_autocast_close_to_fp32(small):
             low = small(*x)
     rel = (low.float() - ref).norm() / ref.norm()
     assert rel < 1e-2, f"bf16 relative error {rel:.2e}"
+    assert low.dtype == torch.float32  # the gene head runs in fp32 under autocast

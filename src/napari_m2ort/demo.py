@@ -140,7 +140,7 @@ def _run(args, out: Path) -> int:
         widget.tissue_check.setChecked(True)
         slide_layer = widget.slide_layer()
         for layer in viewer.layers:  # the measured spots would hide the predicted ones
-            if layer is not slide_layer:
+            if layer.unique_id != slide_layer.unique_id:
                 layer.visible = False
         x0, y0, x1, y1 = tissue_rich_region(slide_layer, n_spots)
         shapes = widget.add_regions_layer()
@@ -197,5 +197,11 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import napari_m2ort  # noqa: F401  (torch before Qt)
 
+    model = getattr(args, "model", None)
+    if not model or model == "bundled":
+        from .model.weights import BUNDLED_PATH, load_bundled
+
+        if not Path(BUNDLED_PATH).is_file():
+            load_bundled()  # fail fast, before any window: the clear "weights missing" error
     with virtual_display():
         return _run(args, out)

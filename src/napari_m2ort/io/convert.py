@@ -149,6 +149,9 @@ def _write_pyramid(
             options = _level_options(
                 slide.mpp, slide.shape[1], slide.name, (h, w), k, len(shapes), tile, quality
             )
+            # tifffile buffers this many bytes of raw tiles per parallel encode pass
+            # (default 256 MB): keep it small next to the source image.
+            options["buffersize"] = 32 * 2**20
             try:
                 tw.write(counted(), **options)
             except OSError as exc:
@@ -206,7 +209,9 @@ def pyramid_shapes(height: int, width: int) -> list[tuple[int, int]]:
 
 def _check_options(out: Path, tile: int, quality: int) -> None:
     if tile < 16 or tile % 16:
-        raise M2ORTError(f"Tile size {tile} for '{out}' must be a multiple of 16 (e.g. 256 or 512).")
+        raise M2ORTError(
+            f"Tile size {tile} for '{out}' must be a multiple of 16 (e.g. 256 or 512)."
+        )
     if not 1 <= quality <= 100:
         raise M2ORTError(f"JPEG quality {quality} for '{out}' must be between 1 and 100.")
     if not out.name.lower().endswith((".ome.tif", ".ome.tiff")):

@@ -457,13 +457,27 @@ def _half_np(a: np.ndarray) -> np.ndarray:
 
 
 def _half_dask(d: da.Array) -> da.Array:
-    """Same arithmetic as ``_half_np``, lazily, for files without a pyramid."""
-    h, w = d.shape[:2]
-    if h % 2 or w % 2:
-        d = da.pad(d, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    d = d.rechunk((_CHUNK, _CHUNK, 3))
-    s = da.coarsen(np.sum, d.astype(np.uint16), {0: 2, 1: 2})
-    return ((s + 2) // 4).astype(np.uint8)
+    """``_half_np`` per chunk, lazily, for files without (enough of) a pyramid.
+
+    Each output chunk depends on exactly one input chunk, so the graph stays one
+    blockwise layer per level (fast to build, culls to what a view needs) and chunk
+    sizes halve level by level. Interior chunks must be even for chunk-wise halving to
+    equal whole-image halving, hence the occasional rechunk.
+    """
+    ys, xs = d.chunks[0], d.chunks[1]
+    if any(c % 2 for c in ys[:-1] + xs[:-1]) or len(d.chunks[2]) != 1:
+        d = d.rechunk((_even(ys[0]), _even(xs[0]), 3))
+    chunks = (
+        tuple((c + 1) // 2 for c in d.chunks[0]),
+        tuple((c + 1) // 2 for c in d.chunks[1]),
+        d.chunks[2],
+    )
+    meta = np.empty((0, 0, 0), np.uint8)
+    return d.map_blocks(_half_np, chunks=chunks, dtype=np.uint8, meta=meta)
+
+
+def _even(n: int) -> int:
+    return max(2, n + (n % 2))
 
 
 def _decode_error(path: Path, where: str, exc: BaseException) -> M2ORTError:
@@ -818,7 +832,13 @@ def _open_tiff(path: Path, user_mpp: float | None) -> Slide:
 
 
 def _extend_pyramid(levels: list[da.Array], readers: list[Any]) -> None:
-    """Add lazily averaged levels below the file's smallest one (napari's overview)."""
+    """Add lazily averaged levels below the file's smallest one (napari's overview).
+
+    Chunks halve with each level (16 px at 1/128 of a 2048-chunked level): many small
+    tasks, but each depends on one chunk above, so any view reads only what it covers.
+    Still, the overview of a big file without a pyramid needs every level-0 pixel once:
+    such files should be converted (napari-m2ort convert).
+    """
     while max(levels[-1].shape[:2]) >= MIN_LEVEL_SIDE:
         half = _half_dask(levels[-1])
         levels.append(half)
@@ -988,10 +1008,11 @@ class _FlatSource:
     in which levels were first viewed.
     """
 
-    def __init__(self, path: Path, fmt: str, shapes: list[tuple[int, int]]):
+    def __init__(self, path: Path, fmt: str, shapes: list[tuple[int, int]], token: str):
         self.path = path
         self.fmt = fmt
         self.shapes = shapes
+        self.token = token
         self._cache: dict[int, np.ndarray] = {}
         self._locks = [threading.Lock() for _ in shapes]
 
@@ -1044,18 +1065,21 @@ class _FlatSource:
         self._cache.clear()
 
     def __reduce__(self):
-        return (_flat_source_for, (str(self.path), self.fmt, self.shapes))
+        return (_flat_source_for, (str(self.path), self.fmt, self.shapes, self.token))
 
 
 _FLAT_SOURCES: "weakref.WeakValueDictionary[tuple, _FlatSource]" = weakref.WeakValueDictionary()
 
 
-def _flat_source_for(path: str, fmt: str, shapes: list[tuple[int, int]]) -> _FlatSource:
-    """Unpickled graphs in one process share one decode cache per file."""
-    key = (path, fmt, tuple(map(tuple, shapes)))
+def _flat_source_for(
+    path: str, fmt: str, shapes: list[tuple[int, int]], token: str
+) -> _FlatSource:
+    """Slides and unpickled graphs in one process share one decode cache per file
+    version (``token`` covers path, size and mtime)."""
+    key = (path, token)
     source = _FLAT_SOURCES.get(key)
     if source is None:
-        source = _FlatSource(Path(path), fmt, [tuple(s) for s in shapes])
+        source = _FlatSource(Path(path), fmt, [tuple(s) for s in shapes], token)
         _FLAT_SOURCES[key] = source
     return source
 
@@ -1132,8 +1156,8 @@ def _open_flat(path: Path, user_mpp: float | None) -> Slide:
         except (TypeError, ValueError, ZeroDivisionError):
             meta_mpp = None
     shapes = _flat_shapes(h, w)
-    source = _flat_source_for(str(path), fmt, shapes)
     token = _file_token(path)
+    source = _flat_source_for(str(path), fmt, shapes, token)
     views = [_FlatLevel(source, k) for k in range(len(shapes))]
     levels = [
         da.from_array(
@@ -1158,7 +1182,6 @@ def _open_flat(path: Path, user_mpp: float | None) -> Slide:
         closers=[source.clear],
         fmt=fmt.lower(),
     )
-    slide._flat_source = source  # keeps the shared cache alive as long as the slide
     return slide
 
 

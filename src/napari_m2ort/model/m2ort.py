@@ -54,11 +54,12 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     """``layer(x)`` (then exact GELU), via oneDNN for CPU float32 inference.
 
     PyTorch runs CPU float32 ``nn.Linear`` through MKL ``addmm``, which first copies the
-    bias into the output and, on AMD CPUs, uses AVX2 kernels. oneDNN (the library behind
-    PyTorch's bf16 path and torch.compile's CPU linears) uses AVX-512 where present and
-    fuses bias and GELU into the GEMM. It is used only where autograd and autocast are off
-    and a one-time self-check against ``F.linear`` passed; anything else takes the
-    ordinary path, so training, bf16 and GPUs are unaffected.
+    bias into the output in a separate pass. oneDNN (the library behind PyTorch's bf16
+    path and torch.compile's CPU linears) fuses bias and GELU into the GEMM, and on the
+    AMD EPYC we measured its fp32 GEMMs were ~20 % faster than MKL's. It is used only
+    where autograd and autocast are off and a one-time self-check against ``F.linear``
+    passed; anything else takes the ordinary path, so training, bf16 and GPUs are
+    unaffected. ``USE_ONEDNN = False`` turns it off.
     """
     w = layer.weight
     if (

@@ -263,7 +263,8 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 def read_card(path) -> ModelCard:
     """The model card of a checkpoint, without loading its tensors."""
     path = _existing(path)
-    return _parse_card(_open(path).metadata(), path)
+    with _open(path) as handle:
+        return _parse_card(handle.metadata(), path)
 
 
 def load_checkpoint(path, device="cpu") -> tuple[M2ORT, ModelCard]:
@@ -271,14 +272,17 @@ def load_checkpoint(path, device="cpu") -> tuple[M2ORT, ModelCard]:
     import timm
 
     path = _existing(path)
-    handle = _open(path)
-    card = _parse_card(handle.metadata(), path)
-    try:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    except Exception as exc:  # truncated or damaged data section
-        raise M2ORTError(f"{path}: the weights cannot be read ({exc}); the file is damaged.") from None
-    digest = (handle.metadata() or {}).get(_SHA_KEY)
-    if digest is not None and digest != _tensor_digest(tensors):
+    with _open(path) as handle:  # closed on return: Windows cannot replace an open file
+        metadata = handle.metadata() or {}
+        card = _parse_card(metadata, path)
+        try:
+            # Fresh copies: safetensors hands out views of its buffer at unaligned offsets,
+            # and MKL's results (and speed) depend on alignment; new tensors are aligned.
+            raw = {k: handle.get_tensor(k).clone() for k in handle.keys()}
+        except Exception as exc:  # truncated or damaged data section
+            raise M2ORTError(f"{path}: the weights cannot be read ({exc}); the file is damaged.") from None
+    digest = metadata.get(_SHA_KEY)
+    if digest is not None and digest != _tensor_digest(raw):
         raise M2ORTError(
             f"{path}: the weights do not match their checksum; the file is corrupted. "
             "Copy or download it again."
@@ -288,17 +292,11 @@ def load_checkpoint(path, device="cpu") -> tuple[M2ORT, ModelCard]:
             f"{path}: the card names model variant {card.variant!r}, which this napari-m2ort "
             f"does not know (known: {', '.join(VARIANTS)}). Update napari-m2ort."
         )
-    # Built on the meta device: no random init, no second copy of the weights; the loaded
-    # tensors become the parameters (assign=True).
+    # Built on the meta device (no random init); the loaded tensors become the parameters.
     model = timm.create_model(
         card.variant, num_classes=len(card.genes), tied_kv=card.tied_kv, device="meta"
     )
-    # Fresh copies: safetensors hands out views at unaligned offsets, and MKL's results
-    # (and speed) depend on alignment; the allocator aligns new tensors to 64 bytes.
-    tensors = {
-        k: t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
-        for k, t in tensors.items()
-    }
+    tensors = {k: (t.float() if t.is_floating_point() else t) for k, t in raw.items()}
     problem = _state_mismatch(model, tensors, card)
     if problem:
         raise M2ORTError(f"{path}: the weights do not fit the model card: {problem}.")

@@ -333,6 +333,10 @@ def show_legend(viewer, text: str) -> None:
     if overlay is not None:
         overlay.text = text
         overlay.font_size = 12
+        try:
+            overlay.position = "top_left"
+        except Exception:  # pragma: no cover - older napari
+            pass
         overlay.visible = bool(text)
     bar = _canvas_overlay(viewer, "scale_bar")
     if bar is not None and text and not bar.visible:
@@ -347,12 +351,14 @@ def scroll_body(widget):
     napari docks do not scroll; without this a tall widget in a short dock gets its
     rows squeezed and its labels clipped.
     """
+    from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
     area = QScrollArea(widget)
     area.setWidgetResizable(True)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     area.setFrameShape(QFrame.Shape.NoFrame)
     body = QWidget()
     area.setWidget(body)
@@ -361,6 +367,28 @@ def scroll_body(widget):
     layout.setContentsMargins(6, 6, 6, 6)
     widget._scroll_area = area
     return layout
+
+
+def compact_combos(widget, chars: int = 14) -> None:
+    """Combo boxes whose items are names (layers, files) must not widen the dock."""
+    from qtpy.QtWidgets import QComboBox
+
+    for combo in widget.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(chars)
+
+
+def fit_width(widget) -> None:
+    """Make the dock as wide as the scrolled body needs (no horizontal clipping)."""
+    area = getattr(widget, "_scroll_area", None)
+    if area is None:
+        return
+    try:
+        body = area.widget()
+        bar = area.verticalScrollBar().sizeHint().width()
+        widget.setMinimumWidth(body.minimumSizeHint().width() + bar + 4)
+    except RuntimeError:  # the widget was deleted before a deferred call
+        pass
 
 
 def wrap_label(text: str = "", lines: int = 2, muted: bool = False):

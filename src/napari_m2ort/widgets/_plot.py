@@ -6,6 +6,7 @@ import math
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 _BG = "#262930"  # napari dark theme background
@@ -80,6 +81,7 @@ class LivePlot(QWidget):
             ax.plot(self.epochs, self.epoch_loss, "o-", color=_EPOCH, ms=3, lw=1, label="loss / epoch")
         if self.val_pcc:
             ax2.plot(self.val_epochs, self.val_pcc, "s-", color=_PCC, ms=4, lw=1.2, label="val PCC-gene")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.yaxis.set_label_position("right")
         ax2.yaxis.tick_right()
         if self.steps or self.val_pcc:

@@ -154,7 +154,12 @@ def start_job(
             try:
                 while pending:
                     h, a = pending.popleft()
-                    h(*a)
+                    try:
+                        h(*a)
+                    except RuntimeError as exc:
+                        # the widget was closed while its job ran: nothing left to update
+                        if "deleted" not in str(exc):
+                            raise
             finally:
                 draining[0] = False
 
@@ -190,6 +195,18 @@ def run_in_thread(
                      on_finished=on_finished, show_progress=bool(desc))
 
 
+def cancel_on_destroy(widget) -> list:
+    """A list the widget appends its jobs to; they are cancelled when the widget goes."""
+    jobs: list = []
+
+    def stop(*_):
+        for job in jobs:
+            job.cancel()
+
+    widget.destroyed.connect(stop)
+    return jobs
+
+
 # ------------------------------------------------------------------ widget registry
 
 _PREDICT_WIDGETS: "weakref.WeakSet" = weakref.WeakSet()
@@ -199,11 +216,22 @@ def register_predict_widget(widget) -> None:
     _PREDICT_WIDGETS.add(widget)
 
 
+def unwrap(obj):
+    """The object behind napari's plugin proxies (each widget gets its own proxy)."""
+    for _ in range(8):
+        inner = getattr(obj, "__wrapped__", None)
+        if inner is None:
+            break
+        obj = inner
+    return obj
+
+
 def predict_widget_for(viewer):
     """The prediction widget docked in ``viewer``, if any (else None)."""
+    target = unwrap(viewer)
     for w in list(_PREDICT_WIDGETS):
         try:
-            if w.viewer is viewer:
+            if unwrap(w.viewer) is target:
                 return w
         except RuntimeError:  # its C++ side is gone
             continue

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -42,8 +42,9 @@ from ..errors import M2ORTError
 from ..progress import Progress
 from . import _layers as L
 from ._plot import LivePlot
-from ._layers import scroll_body, wrap_label
-from ._workers import predict_widget_for, run_in_thread, start_job
+from ._layers import compact_combos as _compact_combos
+from ._layers import fit_width, scroll_body, wrap_label
+from ._workers import cancel_on_destroy, predict_widget_for, run_in_thread, start_job
 
 BUNDLED = "bundled"
 FORMATS = [("Legacy ST (counts + spot table)", "legacy"), ("Visium (Space Ranger folder)", "visium"),
@@ -94,6 +95,7 @@ class FinetuneWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.job = None
+        self._jobs = cancel_on_destroy(self)
         self.result = None  # training.TrainResult of the last run
         self.last_error: Optional[str] = None
         self.sections: dict = {}  # name -> STSection loaded by this widget
@@ -249,6 +251,8 @@ class FinetuneWidget(QWidget):
         row.addWidget(self.use_btn)
         root.addLayout(row)
         self._update_buttons()
+        _compact_combos(self)
+        fit_width(self)
 
     def _on_genes_mode(self, *_):
         mode = self.genes_combo.currentData()
@@ -389,6 +393,7 @@ class FinetuneWidget(QWidget):
         self.status.setText("Reading the ST data…")
         self.job = run_in_thread(read, on_done=self._on_loaded, on_failed=self._on_failed,
                                  on_finished=self._update_buttons, desc="Reading ST data")
+        self._jobs[:] = [self.job]
         self._update_buttons()
         return self.job
 
@@ -422,9 +427,9 @@ class FinetuneWidget(QWidget):
                     f"({w}×{h} px): the coordinates do not belong to this image. Choose the matching "
                     "slide, or check the pixel size.")
                 return
-        layer = self.viewer.add_points(data, **kwargs)
         self.sections[name] = section
-        self._add_section_item(section)
+        self._add_section_item(section)  # before the layer exists: _refresh must not add it twice
+        layer = self.viewer.add_points(data, **kwargs)
         self._refresh_val_choices()
         msg = (f"Loaded {section.name}: {section.n_spots} spots × {section.adata.n_vars} genes at "
                f"{section.mpp:.3f} µm/px. Check that the spots sit on the tissue.")
@@ -534,6 +539,7 @@ class FinetuneWidget(QWidget):
         self.status.setText("Preparing…")
         self.job = start_job(guarded, desc="M2ORT fine-tuning", on_progress=self._on_progress,
                              on_done=self._on_trained, on_failed=self._on_failed, on_finished=self._update_buttons)
+        self._jobs[:] = [self.job]
         self._update_buttons()
         return self.job
 
@@ -634,11 +640,24 @@ class FinetuneWidget(QWidget):
             return None
         widget = predict_widget_for(self.viewer)
         if widget is None:
-            _, widget = self.viewer.window.add_plugin_dock_widget("napari-m2ort", "Predict expression")
+            # tabbed with this one, so neither dock gets squeezed
+            dock, widget = self.viewer.window.add_plugin_dock_widget("napari-m2ort", "Predict expression",
+                                                                     tabify=True)
+            try:
+                dock.show()
+                dock.raise_()
+            except Exception:  # pragma: no cover - cosmetic
+                pass
         label = f"fine-tuned {self.saved_path.name}" if self.saved_path else "fine-tuned (unsaved)"
         spec = widget.set_model(self.result.model, self.result.card, name=label)
         self.status.setText(f"The Predict expression widget now uses the {label} model.")
         return spec
+
+    def showEvent(self, event) -> None:
+        # napari's stylesheet (fonts, paddings) is applied when docked: size again then
+        super().showEvent(event)
+        fit_width(self)
+        QTimer.singleShot(0, lambda: fit_width(self))
 
     def closeEvent(self, event) -> None:  # pragma: no cover
         if self.running:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -36,8 +36,9 @@ from qtpy.QtWidgets import (
 from ..errors import M2ORTError
 from ..progress import Progress
 from . import _layers as L
-from ._layers import scroll_body, wrap_label
-from ._workers import register_predict_widget, start_job
+from ._layers import compact_combos as _compact_combos
+from ._layers import fit_width, scroll_body, wrap_label
+from ._workers import cancel_on_destroy, register_predict_widget, start_job
 
 BUNDLED = "bundled"
 LAYOUT_CHOICES = [
@@ -71,6 +72,7 @@ class PredictWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.job = None  # _workers.JobHandle of the running/last prediction
+        self._jobs = cancel_on_destroy(self)
         self.last_error: Optional[str] = None
         self.last_run: dict = {}
         self._model_cache: dict[str, tuple] = {}
@@ -268,6 +270,8 @@ class PredictWidget(QWidget):
         root.addWidget(box)
         root.addStretch(1)
         self._update_buttons()
+        _compact_combos(self)
+        fit_width(self)
 
     # ================================================================== viewer wiring
     def _connect_viewer(self) -> None:
@@ -288,7 +292,7 @@ class PredictWidget(QWidget):
 
     def _on_active_layer(self, event=None) -> None:
         layer = self.viewer.layers.selection.active
-        if layer is not None and (layer.metadata or {}).get("m2ort_kind") == L.PRED_KIND and layer is not self._layer:
+        if layer is not None and (layer.metadata or {}).get("m2ort_kind") == L.PRED_KIND and not _same(layer, self._layer):
             self._set_active_layer(layer)
 
     def _refresh_layer_choices(self, event=None) -> None:
@@ -312,8 +316,6 @@ class PredictWidget(QWidget):
         if refill(self.slide_combo, images):
             self._on_slide_changed()
         refill(self.regions_combo, shapes, prefer=L.REGIONS_NAME)
-        if L.REGIONS_NAME in shapes and self.regions_combo.currentText() != L.REGIONS_NAME:
-            pass
         self._update_buttons()
 
     # ================================================================== slide
@@ -359,7 +361,7 @@ class PredictWidget(QWidget):
 
                 return open_slide(path, mpp=mpp)
         else:
-            key = ("layer", id(layer), round(mpp, 6))
+            key = ("layer", layer.unique_id, round(mpp, 6))
             adapter = L.LayerSlide(layer, mpp, source)
 
             def factory():
@@ -634,6 +636,7 @@ class PredictWidget(QWidget):
         self.job = start_job(make_job, desc="M2ORT prediction", on_progress=self._on_progress,
                              on_done=self._on_done, on_failed=self._on_failed,
                              on_finished=self._on_finished)
+        self._jobs[:] = [self.job]
         self._update_buttons()
         return self.job
 
@@ -668,7 +671,7 @@ class PredictWidget(QWidget):
         if run is not None:
             layer = self._target_layer(run)
             self._run.update(spots=run.spots, layer=layer)
-            if layer is not self._layer:
+            if not _same(layer, self._layer):
                 self._set_active_layer(layer)
         if ev.stage in ("prepare", "plan"):
             self.status.setText(ev.message or ev.stage)
@@ -691,13 +694,16 @@ class PredictWidget(QWidget):
             self._run["n_done"] = len(layer.data)
             if self._run["t_first"] is None:
                 self._run["t_first"] = time.perf_counter() - self._run["t0"]
-            if layer is self._layer:
+            if _same(layer, self._layer):
                 self._on_gene_changed()
 
     def _on_done(self, run: RunResult) -> None:
         seconds = time.perf_counter() - self._run.get("t0", time.perf_counter())
         pred = run.prediction
         if pred is None:
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(1)
+            self.progress_bar.setFormat("")
             msg = f"All {run.n_candidates} spots of this region are already predicted."
             self.status.setText(msg)
             _notify("info", msg)
@@ -831,7 +837,8 @@ class PredictWidget(QWidget):
 
     def _heatmap_layer(self):
         for ly in self.viewer.layers:
-            if (ly.metadata or {}).get("m2ort_kind") == "m2ort-heatmap" and ly.metadata.get("source") is self._layer:
+            if (ly.metadata or {}).get("m2ort_kind") == "m2ort-heatmap" and self._layer is not None \
+                    and ly.metadata.get("source") == self._layer.unique_id:
                 return ly
         return None
 
@@ -857,7 +864,7 @@ class PredictWidget(QWidget):
             kw["units"] = layer.units
         if hm is None:
             hm = self.viewer.add_image(img, name=f"{L.HEATMAP_NAME}", blending="translucent",
-                                       metadata={"m2ort_kind": "m2ort-heatmap", "source": layer}, **kw)
+                                       metadata={"m2ort_kind": "m2ort-heatmap", "source": layer.unique_id}, **kw)
             # keep the spots above the heat map
             i_hm, i_pts = self.viewer.layers.index(hm), self.viewer.layers.index(layer)
             if i_hm > i_pts:
@@ -1028,10 +1035,23 @@ class PredictWidget(QWidget):
         self._update_buttons()
 
     # ================================================================== teardown
+    def showEvent(self, event) -> None:
+        # napari's stylesheet (fonts, paddings) is applied when docked: size again then
+        super().showEvent(event)
+        fit_width(self)
+        QTimer.singleShot(0, lambda: fit_width(self))
+
     def closeEvent(self, event) -> None:  # pragma: no cover - exercised by napari on close
         if self.running:
             self.job.cancel()
         super().closeEvent(event)
+
+
+def _same(a, b) -> bool:
+    """Layer identity through napari's plugin proxies (each access makes a new proxy)."""
+    if a is None or b is None:
+        return a is b
+    return a.unique_id == b.unique_id
 
 
 def _merge_layouts(parts: list):

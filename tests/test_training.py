@@ -1,0 +1,93 @@
+"""Training engine on a real HER2+ section: loss falls, stop keeps the best checkpoint,
+resume continues, block validation does not mix neighbours."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from napari_m2ort.errors import M2ORTError
+from napari_m2ort.io.st import read_her2st
+from napari_m2ort.model.weights import ModelCard, load_checkpoint
+from napari_m2ort.progress import run_to_end
+from napari_m2ort.targets import select_panel
+from napari_m2ort.training import TrainConfig, prepare_section, spatial_block_split, train
+
+
+@pytest.fixture(scope="module")
+def c2_cached(her2st, tmp_path_factory):
+    section = read_her2st(her2st, "C2")
+    genes = select_panel([section.adata], n=16)
+    cache = tmp_path_factory.mktemp("patches")
+    cached = run_to_end(prepare_section(section, genes, 0.69, cache_dir=cache))
+    again = run_to_end(prepare_section(section, genes, 0.69, cache_dir=cache))  # from cache
+    assert np.array_equal(cached.level1, again.level1)
+    return cached
+
+
+def test_cached_section(c2_cached):
+    assert c2_cached.level1.shape[1:] == (224, 224, 3)
+    assert c2_cached.y.shape == (len(c2_cached), 16)
+    assert np.isfinite(c2_cached.y).all() and c2_cached.y.min() >= 0
+
+
+def test_spatial_blocks_hold_out_whole_blocks(c2_cached):
+    val = spatial_block_split(c2_cached.centers_um, block_um=1000, val_fraction=0.2)
+    assert 0.1 < val.mean() < 0.5
+    blocks = np.floor(c2_cached.centers_um / 1000).astype(int)
+    vb = {tuple(b) for b in blocks[val]}
+    tb = {tuple(b) for b in blocks[~val]}
+    assert not vb & tb
+    with pytest.raises(M2ORTError, match="too few"):
+        spatial_block_split(c2_cached.centers_um[:5])
+
+
+def test_loss_falls_on_real_section(c2_cached):
+    torch.manual_seed(0)
+    small = c2_cached.subset(np.arange(len(c2_cached)) < 48)
+    model = timm.create_model("m2ort_small", num_classes=16, depth=1)
+    card = ModelCard(variant="m2ort_small", genes=small.genes, mpp=0.69)
+    cfg = TrainConfig(epochs=6, lr=1e-3, batch_size=16, augment=False, device="cpu")
+    res = run_to_end(train(model, card, [small], [], cfg))
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_stop_keeps_best_checkpoint_and_resume(c2_cached, tmp_path):
+    torch.manual_seed(0)
+    genes = c2_cached.genes
+    val = spatial_block_split(c2_cached.centers_um)
+    tr, va = c2_cached.subset(~val), c2_cached.subset(val)
+    tr = tr.subset(np.arange(len(tr)) < 32)
+    model = timm.create_model("m2ort_small", num_classes=len(genes))
+    card = ModelCard(variant="m2ort_small", genes=genes, mpp=0.69)
+    out = tmp_path / "ft.safetensors"
+    cfg = TrainConfig(epochs=3, batch_size=16, device="cpu", precision="bf16")
+    steps = []
+
+    def on(ev):
+        if ev.stage == "train" and ev.data:
+            steps.append(ev.data["step"])
+
+    # stop in the middle of epoch 2 (2 steps per epoch)
+    res = run_to_end(train(model, card, [tr], [va], cfg, out_path=out,
+                           should_stop=lambda: len(steps) >= 3), on)
+    assert res.stopped and res.epochs_done == 1 and res.best_epoch == 1
+    assert out.exists() and not list(tmp_path.glob("*.tmp*"))
+    loaded, loaded_card = load_checkpoint(out)
+    assert loaded_card.genes == genes and loaded_card.metrics["best_epoch"] == 1
+    assert loaded_card.target_mean is not None
+    x = torch.rand(2, 3, 224, 224)
+    args = (x, torch.nn.functional.avg_pool2d(x, 2), torch.nn.functional.avg_pool2d(x, 4))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(*args).numpy(), res.model.eval()(*args).numpy(), rtol=1e-4, atol=1e-4)
+    # resume from the checkpoint for one more epoch
+    res2 = run_to_end(train(loaded, loaded_card, [tr], [va], TrainConfig(epochs=1, batch_size=16, device="cpu"),
+                            out_path=tmp_path / "ft2.safetensors", start_epoch=res.epochs_done))
+    assert res2.history[0]["epoch"] == 2 and not res2.stopped
+
+
+def test_genes_missing_is_a_clear_error(her2st):
+    section = read_her2st(her2st, "C2")
+    with pytest.raises(M2ORTError, match="panel genes are not in this data"):
+        run_to_end(prepare_section(section, ["ERBB2", "NOT_A_GENE_1"], 0.69))
