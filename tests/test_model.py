@@ -216,15 +216,36 @@ def test_perturbing_one_region_changes_only_its_token(level):
     assert diff.max() == 0, "another token or another level's channels changed"
 
 
-def test_cpu_fast_path_matches_plain_linear(monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_fast_path_matches_plain_linear(monkeypatch, bf16):
     torch.manual_seed(0)
     model = tiny().eval()
     x = inputs(2)
-    with torch.inference_mode():
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with torch.inference_mode(), ctx:
         fast = model(*x)
         monkeypatch.setattr(m2ort_mod, "USE_ONEDNN", False)
         plain = model(*x)
-    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    if bf16:
+        assert ((fast - plain).norm() / plain.norm()) < 1e-2
+    else:
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_fast_path_is_taken(monkeypatch, bf16):
+    """The oneDNN path must not silently fall back (its probe once failed under autocast)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if not m2ort_mod._probe_onednn(dtype):
+        pytest.skip(f"oneDNN {dtype} linear not usable on this machine")
+    monkeypatch.setattr(m2ort_mod, "_onednn_ok", {})  # probe again, lazily, inside forward
+    calls = []
+    real = m2ort_mod._onednn_linear
+    monkeypatch.setattr(m2ort_mod, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    model = tiny().eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(*inputs(1))
+    assert len(calls) >= 18  # 3 levels x 2 + 2 blocks x 6 linears (+ the probe's own calls)
 
 
 def test_channels_last_input_same_result():

@@ -84,3 +84,10 @@ def test_tissue_mask_on_synthetic_and_no_tissue_error():
     blank = tissue_mask_from_rgb(np.full((50, 50, 3), 245, np.uint8), 10.0)
     with pytest.raises(M2ORTError, match="tissue"):
         restrict_to_tissue(spots, blank)
+
+
+def test_edges_are_included_whatever_the_winding():
+    a = layout_spots((0, 0, 1000, 1000), "st")
+    napari_rect = np.array([[1000, 0], [1000, 1000], [0, 1000], [0, 0]], float)  # (y, x), other winding
+    b = layout_spots(Region.from_napari_shape(napari_rect), "st")
+    assert len(a) == len(b) == 36

@@ -145,6 +145,8 @@ def test_cancel_keeps_model(make_napari_viewer, qtbot, start_model, tmp_path):
     _train_region(viewer)
     _small_config(widget, epochs=3)
     widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("head"))
+    widget.genes_combo.setCurrentIndex(widget.genes_combo.findData("top"))  # a new head on this data's genes
+    widget.top_spin.setValue(30)
     widget.train()
     qtbot.waitUntil(lambda: len(widget.plot.losses) >= 1, timeout=TIMEOUT_MS)
     widget.cancel()
@@ -153,6 +155,7 @@ def test_cancel_keeps_model(make_napari_viewer, qtbot, start_model, tmp_path):
     res = widget.result
     assert res is not None and res.stopped and res.epochs_done < 3
     assert "Stopped" in widget.status.text()
+    assert len(res.card.genes) == 30
     assert widget.save(tmp_path / "partial.safetensors").exists()
     assert widget.train_btn.isEnabled()
 

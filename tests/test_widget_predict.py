@@ -203,12 +203,14 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
                                             dims_displayed=[0, 1]))
     assert widget.hover_label.text().startswith(str(layer.metadata["spot_ids"][0]))
     # side by side with the measured spots: a 1×2 grid, undone when unticked
+    order = [ly.name for ly in viewer.layers]
     widget.compare_check.setChecked(True)
     assert viewer.grid.enabled and viewer.grid.stride == 2
     assert any(ly.name.endswith("(measured view)") for ly in viewer.layers)
     widget.compare_check.setChecked(False)
     assert not viewer.grid.enabled
     assert not any(ly.name.endswith("(measured view)") for ly in viewer.layers)
+    assert [ly.name for ly in viewer.layers] == order
 
     # export: .h5ad round trip and CSV
     out = widget.export_h5ad(tmp_path / "pred.h5ad")
@@ -279,6 +281,15 @@ def test_predict_view(make_napari_viewer, qtbot, model_path):
     half = np.array([h, w]) / viewer.camera.zoom / 2
     lo, hi = np.array([4000.0, 3800.0]) - half, np.array([4000.0, 3800.0]) + half
     assert ((layer.data >= lo - 1e-6) & (layer.data <= hi + 1e-6)).all()
+    # another spot layout goes to its own layer (its spots have other sizes and ids)
+    viewer.camera.zoom = max(h, w) / 700.0
+    widget.layout_combo.setCurrentIndex(widget.layout_combo.findData("st"))
+    widget.predict_view()
+    _wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    st_layer = widget.predictions_layer()
+    assert st_layer != layer and st_layer.metadata["layout"] == "st"
+    assert np.allclose(st_layer.size, 100.0) and np.allclose(layer.size, 55.0)
 
 
 def test_predict_tissue_custom_layout(make_napari_viewer, qtbot, model_path):

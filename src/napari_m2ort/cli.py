@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene", default=None, help="gene to show (default: ERBB2 if in the panel)")
     p.add_argument("--spots", type=int, default=100, help="about how many spots to predict")
     p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="bundled", help="'bundled' or a .safetensors checkpoint")
     return parser
 
 

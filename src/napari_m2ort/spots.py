@@ -30,6 +30,15 @@ class Region:
 
     vertices: np.ndarray  # (K, 2) x, y in µm
 
+    def __post_init__(self) -> None:
+        v = np.asarray(self.vertices, dtype=float).reshape(-1, 2)
+        # One winding for every region: matplotlib's edge tolerance below has a sign that
+        # depends on it, and spots exactly on an edge must be kept whoever drew the region.
+        x, y = v[:, 0], v[:, 1]
+        if float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) < 0:
+            v = v[::-1]
+        self.vertices = np.ascontiguousarray(v)
+
     @classmethod
     def rectangle(cls, x0: float, y0: float, x1: float, y1: float) -> "Region":
         xa, xb = sorted((float(x0), float(x1)))
@@ -58,7 +67,7 @@ class Region:
 
         if len(points_xy) == 0:
             return np.zeros(0, dtype=bool)
-        return MplPath(self.vertices).contains_points(points_xy, radius=1e-9)
+        return MplPath(self.vertices).contains_points(points_xy, radius=1e-6)  # edges included
 
 
 def as_region(region: RegionLike) -> Region:

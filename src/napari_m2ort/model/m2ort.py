@@ -47,58 +47,89 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 # -- CPU inference fast path ----------------------------------------------------------------
 USE_ONEDNN = True  # False forces plain F.linear everywhere (benchmarks, debugging)
-_onednn_ok: bool | None = None  # probed once, on first use
+_onednn_ok: dict[torch.dtype, bool] = {}  # probed once per dtype, on first use
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)`` (then exact GELU), via oneDNN for CPU float32 inference.
+def linear(
+    x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``layer(x)`` (then exact GELU, or plus ``residual``); on CPU inference one fused call.
 
-    PyTorch runs CPU float32 ``nn.Linear`` through MKL ``addmm``, which first copies the
-    bias into the output in a separate pass. oneDNN (the library behind PyTorch's bf16
-    path and torch.compile's CPU linears) fuses bias and GELU into the GEMM, and on the
-    AMD EPYC we measured its fp32 GEMMs were ~20 % faster than MKL's. It is used only
-    where autograd and autocast are off and a one-time self-check against ``F.linear``
-    passed; anything else takes the ordinary path, so training, bf16 and GPUs are
-    unaffected. ``USE_ONEDNN = False`` turns it off.
+    PyTorch runs CPU ``nn.Linear`` as ``addmm``: the bias is first copied into the output
+    in a separate pass, GELU is another pass, and float32 goes to MKL, which on the AMD
+    EPYC we measured was ~20 % slower than oneDNN on the same GEMMs. oneDNN (the library
+    behind PyTorch's bf16 matmuls and torch.compile's CPU linears) fuses bias and GELU
+    into the GEMM, and the residual add too. Under CPU bf16 autocast the same call runs on
+    bf16 copies of input and weights, exactly what autocast would do, minus the extra
+    passes (the residual is added outside, so the residual stream stays float32).
+
+    Used only where autograd is off, on CPU, for float32 (no autocast) or bf16 autocast,
+    and after a one-time self-check against ``F.linear``; anything else (training, GPUs,
+    float16) takes the ordinary path. ``USE_ONEDNN = False`` turns it off.
     """
     w = layer.weight
-    if (
-        USE_ONEDNN
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and w.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        and not _autocast_on("cpu")
-        and _onednn_available()
+    if USE_ONEDNN and x.device.type == "cpu" and not (
+        torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     ):
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none", [], "")
+        b = layer.bias
+        if not _autocast_on("cpu"):
+            if x.dtype == w.dtype == torch.float32 and _onednn_available(torch.float32):
+                if _fusable(residual, x, w) and not gelu:
+                    return _onednn_linear(x, w, b, gelu, residual)
+                return _plus(_onednn_linear(x, w, b, gelu), residual)
+        elif _cpu_autocast_dtype() == torch.bfloat16 and _onednn_available(torch.bfloat16):
+            bf = torch.bfloat16
+            y = _onednn_linear(x.to(bf), w.to(bf), None if b is None else b.to(bf), gelu)
+            return _plus(y, residual)
     y = F.linear(x, w, layer.bias)
-    return F.gelu(y) if gelu else y
+    return _plus(F.gelu(y) if gelu else y, residual)
 
 
-def _onednn_available() -> bool:
-    global _onednn_ok
-    if _onednn_ok is None:
-        _onednn_ok = _probe_onednn()
-    return _onednn_ok
+def _fusable(residual: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        residual is not None
+        and residual.dtype == torch.float32
+        and residual.is_contiguous()
+        and residual.shape == (*x.shape[:-1], w.shape[0])
+    )
 
 
-def _probe_onednn() -> bool:
+def _plus(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return y if residual is None else residual + y
+
+
+def _onednn_linear(x, w, b, gelu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _onednn_available(dtype: torch.dtype) -> bool:
+    if dtype not in _onednn_ok:
+        _onednn_ok[dtype] = _probe_onednn(dtype)
+    return _onednn_ok[dtype]
+
+
+def _probe_onednn(dtype: torch.dtype) -> bool:
     """The op is internal to PyTorch: check it exists and agrees with F.linear."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        op = torch.ops.mkldnn._linear_pointwise
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 5, 24, generator=g)[..., 8:16]  # strided, as in ITMM
-        w, b = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
-        with torch.no_grad():
-            ok = torch.allclose(op(x, w, b, "gelu", [], "none"), F.gelu(F.linear(x, w, b)), atol=1e-5)
-            ok = ok and torch.allclose(op(x, w, None, "none", [], ""), F.linear(x, w), atol=1e-5)
+        x = torch.randn(2, 5, 24, generator=g)[..., 8:16].to(dtype)  # strided, as in ITMM
+        w, b = torch.randn(6, 8, generator=g).to(dtype), torch.randn(6, generator=g).to(dtype)
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # may run under autocast
+            ref = F.linear(x.float(), w.float(), b.float())
+            ok = torch.allclose(_onednn_linear(x, w, b, True).float(), F.gelu(ref), atol=tol)
+            ok = ok and torch.allclose(_onednn_linear(x, w, None, False).float(), ref - b.float(), atol=tol)
+            if dtype == torch.float32:
+                res = torch.randn(2, 5, 6, generator=g)
+                ok = ok and torch.allclose(_onednn_linear(x, w, b, False, res), ref + res, atol=tol)
         return bool(ok)
-    except Exception:  # missing op, unsupported CPU, changed signature
+    except Exception:  # missing op, unsupported CPU or dtype, changed signature
         return False
 
 
@@ -144,9 +175,10 @@ class LDPE(nn.Module):
         dd = {"device": device, "dtype": dtype}
         g = embed_dim // 3
         self.num_patches = NUM_PATCHES
-        self.level1 = LevelEmbedding(16, embed_dim, g, **dd)
-        self.level2 = LevelEmbedding(8, embed_dim // 2, g, **dd)
-        self.level3 = LevelEmbedding(4, embed_dim // 4, g, **dd)
+        p1, p2, p3 = LEVEL_PATCHES  # 16, 8, 4: a 14 x 14 grid at 224, 112 and 56 px
+        self.level1 = LevelEmbedding(p1, embed_dim, g, **dd)
+        self.level2 = LevelEmbedding(p2, embed_dim // 2, g, **dd)
+        self.level3 = LevelEmbedding(p3, embed_dim // 4, g, **dd)
 
     def forward(self, l1: torch.Tensor, l2: torch.Tensor, l3: torch.Tensor) -> torch.Tensor:
         # Channel layout [level 1 | level 2 | level 3]; ITMM relies on this order.
@@ -200,13 +232,17 @@ class ITMM(nn.Module):
         shape = (b, n, self.num_heads, self.head_dim)
         return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention on normed tokens ``x``; ``residual`` (only when dropout is off) is
+        added inside the output projection."""
         q, k, v = self.qkv(x)
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
         b, h, n, d = x.shape
         x = x.transpose(1, 2).reshape(b, n, h * d)  # a view: the CPU kernel writes (B, N, H, d)
+        if residual is not None:
+            return linear(x, self.proj, residual=residual)
         return self.proj_drop(linear(x, self.proj))
 
 
@@ -226,8 +262,11 @@ class ICMM(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, **dd)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` (only when dropout is off) is added inside fc2."""
         x = self.drop1(linear(x, self.fc1, gelu=True))
+        if residual is not None:
+            return linear(x, self.fc2, residual=residual)
         return self.drop2(linear(x, self.fc2))
 
 
@@ -254,10 +293,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = ICMM(dim, mlp_dim, drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.stochastic = drop > 0 or attn_drop > 0 or drop_path > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        if self.training and self.stochastic:
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        # Same sums, with each residual add handed to the branch's last linear (fused on CPU).
+        x = self.attn(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class M2ORT(nn.Module):
@@ -391,6 +435,13 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _cpu_autocast_dtype() -> torch.dtype:
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
 
 
 def _check_inputs(*levels: torch.Tensor) -> None:

@@ -201,7 +201,8 @@ def measured_layers(viewer) -> list:
 
 def new_predictions_layer(viewer, geom: Geometry, genes: Sequence[str], diameter_um: float,
                           card_json: str, layout: str, model_key: str, slide_name: str,
-                          colormap: str = "viridis", name: str = PREDICTIONS_NAME):
+                          colormap: str = "viridis", name: str = PREDICTIONS_NAME, pitch_um: float = 0.0,
+                          grid: str = ""):
     features = pd.DataFrame({g: np.zeros(0, np.float32) for g in genes})
     layer = viewer.add_points(
         np.zeros((0, 2)), features=features, size=diameter_um, name=name,
@@ -209,7 +210,7 @@ def new_predictions_layer(viewer, geom: Geometry, genes: Sequence[str], diameter
         metadata={
             "m2ort_kind": PRED_KIND, "mpp": geom.mpp, "spot_ids": [], "model_card": card_json,
             "layout": layout, "model_key": model_key, "slide": slide_name,
-            "spot_diameter_um": float(diameter_um),
+            "spot_diameter_um": float(diameter_um), "pitch_um": float(pitch_um), "grid": grid,
         },
         **geom.layer_kwargs,
     )

@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
-    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -332,7 +331,6 @@ class PredictWidget(QWidget):
         self.mpp_spin.blockSignals(True)
         self.mpp_spin.setValue(mpp)
         self.mpp_spin.blockSignals(False)
-        self._mpp_from_layer = (layer.name, mpp)
         self.mpp_src.setText("assumed – check!" if source == "default" else "from layer")
         self.mpp_src.setToolTip({"metadata": "read from the file's metadata", "st-geometry": "derived from the ST spot grid",
                                  "user": "given when the slide was opened", "default": "the file has no pixel size: "
@@ -618,7 +616,7 @@ class PredictWidget(QWidget):
                 raise M2ORTError("The region holds no spot centres: make it larger than the spot pitch "
                                  f"({spots.pitch_um:g} µm).")
             key = L.model_key(card)
-            have = existing.get(key, set())
+            have = existing.get(_layer_key(key, spots), set())
             keep = np.array([str(i) not in have for i in spots.ids], dtype=bool)
             spots = spots.subset(keep)
             run = RunResult(None, spots, card, key, int((~keep).sum()), n_candidates)
@@ -645,24 +643,26 @@ class PredictWidget(QWidget):
         for ly in L.predictions_layers(self.viewer):
             md = ly.metadata
             if md.get("slide") == slide_name:
-                out.setdefault(md.get("model_key"), set()).update(map(str, md.get("spot_ids", [])))
+                out.setdefault(_layer_key_md(md), set()).update(map(str, md.get("spot_ids", [])))
         return out
 
     def _target_layer(self, run: RunResult):
         """The predictions layer of this slide and model (created on first use)."""
         slide_name = self._run["slide_layer"]
+        spots = run.spots
+        want = _layer_key(run.key, spots)
         for ly in L.predictions_layers(self.viewer):
             md = ly.metadata
-            if md.get("slide") == slide_name and md.get("model_key") == run.key:
+            if md.get("slide") == slide_name and _layer_key_md(md) == want:
                 return ly
         others = [ly for ly in L.predictions_layers(self.viewer)]
-        name = L.PREDICTIONS_NAME if not others else f"{L.PREDICTIONS_NAME} [{self.model_combo.currentText()}]"
-        spots = run.spots
+        name = L.PREDICTIONS_NAME
+        if others:
+            name += f" [{self.model_combo.currentText()}; {spots.layout} {spots.pitch_um:g}/{spots.diameter_um:g} µm]"
         layer = L.new_predictions_layer(
             self.viewer, self._run["geom"], run.card.genes, spots.diameter_um, run.card.to_json(),
-            spots.layout, run.key, slide_name, colormap=self.cmap_combo.currentText(), name=name)
-        layer.metadata["pitch_um"] = float(spots.pitch_um)
-        layer.metadata["grid"] = getattr(spots, "grid", "")
+            spots.layout, run.key, slide_name, colormap=self.cmap_combo.currentText(), name=name,
+            pitch_um=spots.pitch_um, grid=getattr(spots, "grid", ""))
         layer.mouse_move_callbacks.append(self._on_hover)
         return layer
 
@@ -796,6 +796,7 @@ class PredictWidget(QWidget):
             return
         lo, hi = L.gene_range(layer.features[gene].to_numpy())
         self._set_clim_fields(lo, hi)
+        self.hover_label.setText("")
         L.color_by(layer, gene, colormap=self.cmap_combo.currentText(), clim=(lo, hi))
         card_target = ""
         try:
@@ -951,6 +952,7 @@ class PredictWidget(QWidget):
             grid.enabled = False
             if twin_name and twin_name in self.viewer.layers:
                 self.viewer.layers.remove(twin_name)
+            self._restore_order(getattr(self, "_order_before_grid", None))
             return
         if slide is None or meas is None or self._layer is None:
             self.compare_check.blockSignals(True)
@@ -972,6 +974,7 @@ class PredictWidget(QWidget):
         # Grid cells take `stride` consecutive layers from the bottom of the list, and the
         # groups after the last cell wrap around: [slide, predictions] left, [slide copy,
         # measured] right, anything else on top (wrapping onto the cells).
+        self._order_before_grid = [ly.unique_id for ly in self.viewer.layers if ly.name != twin_name]
         cells = [slide, self._layer, twin, meas]
         order = cells + [ly for ly in self.viewer.layers if ly not in cells]
         for i, ly in enumerate(order):
@@ -984,6 +987,17 @@ class PredictWidget(QWidget):
         grid.enabled = True
         self._update_comparison()
         self.viewer.reset_view()
+
+    def _restore_order(self, ids) -> None:
+        if not ids:
+            return
+        by_id = {ly.unique_id: ly for ly in self.viewer.layers}
+        order = [by_id[i] for i in ids if i in by_id]
+        order += [ly for ly in self.viewer.layers if ly.unique_id not in ids]
+        for i, ly in enumerate(order):
+            j = self.viewer.layers.index(ly)
+            if j != i:
+                self.viewer.layers.move(j, i)
 
     # ================================================================== export
     def _export(self, path, suffix: str, writer_name: str):
@@ -1045,6 +1059,16 @@ class PredictWidget(QWidget):
         if self.running:
             self.job.cancel()
         super().closeEvent(event)
+
+
+def _layer_key(model_key: str, spots) -> tuple:
+    """Predictions of one model on one spot layout go to one layer (ids are per layout)."""
+    return (model_key, str(spots.layout), round(float(spots.pitch_um), 3), round(float(spots.diameter_um), 3))
+
+
+def _layer_key_md(md: dict) -> tuple:
+    return (md.get("model_key"), str(md.get("layout")), round(float(md.get("pitch_um", 0.0)), 3),
+            round(float(md.get("spot_diameter_um", 0.0)), 3))
 
 
 def _same(a, b) -> bool:
