@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import sys
 import time
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
         f"- {gflop:.3f} GFLOP per spot (analytic: linear layers + attention products)",
         "- matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in mm.items())
         + f" ({GEMM_N}² x {GEMM_N})",
-        f"- best of {args.repeats} rounds; each round times every row once, interleaved",
+        f"- best of {args.repeats} rounds; each round times every row once, interleaved; "
+        f"load average at the end {load_average()}",
         "",
         "| mode | batch | spots/s | GFLOP/s | / fp32 matmul (best) | / bf16 matmul | bf16 rel. error |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -201,6 +203,14 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return 0
+
+
+def load_average() -> str:
+    """Other processes on the machine skew CPU numbers; say how busy it was."""
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+    except (AttributeError, OSError):
+        return "unknown"
 
 
 def describe(device: str) -> str:

@@ -49,6 +49,7 @@ def main(src: str) -> None:
     tmp = target.with_name("release-tmp.safetensors")
     weights.save_checkpoint(model, card, tmp, dtype="float16")
     os.replace(tmp, target)
+    target.chmod(0o644)
     (target.parent / "MODEL_CARD.json").write_text(json.dumps(json.loads(card.to_json()), indent=2) + "\n")
     print(f"bundled {target} ({target.stat().st_size / 1e6:.1f} MB)")
 

@@ -136,7 +136,10 @@ def test_fp16_shipping_round_trip(model, tmp_path):
 
 
 def test_tied_round_trip_and_new_head(tmp_path):
-    m = replace_head(make_model(tied=True), 5)
+    m = replace_head(make_model(tied=True), 5, bias=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m.head.bias.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(M2ORTError, match="3 values for 5 genes"):
+        replace_head(timm.create_model("m2ort_small", num_classes=2, device="meta"), 5, bias=[0.0] * 3)
     path = save_checkpoint(m, make_card(5, tied_kv=True), tmp_path / "tied.safetensors")
     loaded, card = load_checkpoint(path)
     assert card.tied_kv and loaded.tied_kv and loaded.num_genes == 5

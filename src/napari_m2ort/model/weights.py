@@ -315,11 +315,21 @@ def load_bundled(device="cpu") -> tuple[M2ORT, ModelCard]:
     return load_checkpoint(path, device=device)
 
 
-def replace_head(model: M2ORT, n_genes: int) -> M2ORT:
-    """Give ``model`` a fresh head for ``n_genes`` genes, keeping the encoder (in place)."""
+def replace_head(model: M2ORT, n_genes: int, bias=None) -> M2ORT:
+    """Give ``model`` a fresh head for ``n_genes`` genes, keeping the encoder (in place).
+
+    ``bias`` (e.g. the training mean per gene) starts every prediction at that baseline,
+    which shortens fine-tuning on a new panel; by default the bias is zero.
+    """
     if n_genes < 1:
         raise M2ORTError(f"A gene head needs at least one gene, got {n_genes}.")
     model.reset_classifier(n_genes)
+    if bias is not None:
+        bias = torch.as_tensor(bias, dtype=model.head.bias.dtype).reshape(-1)
+        if bias.numel() != n_genes:
+            raise M2ORTError(f"The head bias has {bias.numel()} values for {n_genes} genes.")
+        with torch.no_grad():
+            model.head.bias.copy_(bias)
     return model
 
 
