@@ -16,7 +16,7 @@ Peak memory per worker is VmHWM from /proc/self/status read in each worker with
 M2ORT-S with a 250-gene head (same compute). Writes a markdown table to stdout and to
 ``benchmarks/results/distributed_cpu.md``.
 
-    python benchmarks/bench_distributed.py [--spots 300] [--workers 1,2] [--tile-spots 64]
+    python benchmarks/bench_distributed.py [--spots 300] [--workers 1,2] [--tile-spots 32]
 """
 
 from __future__ import annotations
@@ -115,15 +115,15 @@ def single_process(slide_path: Path, model_path: Path, region: str, batch_size: 
 
 def on_cluster(n_workers: int, slide_path: Path, model_path: Path, region: str, tile_spots: int,
                batch_size: int, workdir: Path) -> list[dict]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from napari_m2ort.distributed import batch_predict
+    from napari_m2ort.distributed import batch_predict, local_cluster
 
     rows = []
     threads = max(1, _cores() // n_workers)
     t = time.perf_counter()
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as lc, Client(lc) as client:
+    # the same cluster set-up as `napari-m2ort batch --scheduler local`
+    with local_cluster(n_workers, 1, dashboard_address=":0") as lc, Client(lc) as client:
         startup = time.perf_counter() - t
         for run in ("cold", "warm"):
             out = workdir / f"out_{n_workers}w_{run}"
@@ -151,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spots", type=int, default=300)
     ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--tile-spots", type=int, default=64)
+    ap.add_argument("--tile-spots", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workdir", default="/tmp/m2ort_bench_distributed")
     ap.add_argument("--out", default=str(RESULT))
