@@ -268,3 +268,19 @@ def test_load_bundled_present(model, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "BUNDLED_PATH", path)
     loaded, card = load_bundled()
     assert card.variant == "m2ort_small" and loaded.num_genes == N_GENES
+
+
+def test_real_bundled_model_if_installed():
+    """The shipped checkpoint loads strictly, has a coherent card and survives bf16."""
+    if not weights.BUNDLED_PATH.is_file():
+        pytest.skip("bundled weights not installed")
+    model, card = load_bundled()
+    assert card.variant in ("m2ort_small", "m2ort_base", "m2ort_large")
+    assert model.num_genes == len(card.genes) and card.fov_um == pytest.approx(card.patch_px * card.mpp)
+    assert card.target_mean is None or len(card.target_mean) == len(card.genes)
+    x = inputs(1)
+    with torch.inference_mode():
+        ref = model(*x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(*x)
+    assert torch.isfinite(ref).all() and ((low - ref).norm() / ref.norm()) < 1e-2

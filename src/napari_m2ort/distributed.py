@@ -32,7 +32,11 @@ Robustness
 * Re-running the same command skips slides whose output is complete: the ``.h5ad``
   carries ``uns["m2ort"]["batch"]`` (JSON: a key of the slide file, the spot settings
   and the model weights, and the expected spot count), which must match and agree with
-  the file's number of spots. A changed setting or model re-predicts that slide.
+  the file's number of spots. A changed setting or model re-predicts that slide, and an
+  output without that record (e.g. from ``napari-m2ort predict``) is replaced.
+* ``local_cluster()`` (``--scheduler local``) turns off two dask defaults that slow model
+  inference down (the nanny's ``MALLOC_TRIM_THRESHOLD_`` and the worker profiler); see
+  ``benchmarks/results/distributed_cpu.md``.
 
 For an existing cluster (``scheduler="tcp://host:8786"``) the slide and model paths
 must be readable by the workers under the same names (a shared file system).
@@ -44,6 +48,7 @@ import argparse
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -99,7 +104,7 @@ class BatchSummary:
     seconds: float = 0.0
     tiles: int = 0
     dashboard: str = ""
-    workers: int = 0
+    workers: int = 0  # worker processes that delivered tiles (a restarted worker counts anew)
 
     @property
     def ok(self) -> bool:
@@ -262,7 +267,7 @@ def _predict_tile(slide_index: int, tile_id: int, path: str, mpp: Optional[float
     if not pred.complete:
         raise RuntimeError(f"tile {tile_id} of {path}: only {pred.n_done}/{len(indices)} spots predicted")
     info = {k: pred.info.get(k) for k in ("device", "precision", "batch_size")}
-    info["pid"] = os.getpid()
+    info["worker"] = f"{socket.gethostname()}:{os.getpid()}"
     return TileResult(slide_index, tile_id, np.asarray(indices, dtype=np.int64),
                       pred.values.astype(np.float32, copy=False), pred.outside, pred.blank,
                       start, time.time(), info)
@@ -721,8 +726,8 @@ def _run_jobs(client, todo, card, model_file, spot_args, mpp, device, precision,
         job.blank[idx] = res.blank
         job.start, job.stop = min(job.start, res.start), max(job.stop, res.stop)
         job.result.worker_seconds += res.stop - res.start
-        job.info.update({k: v for k, v in res.info.items() if k != "pid"})
-        workers_seen.add(res.info.get("pid"))
+        job.info.update({k: v for k, v in res.info.items() if k != "worker"})
+        workers_seen.add(res.info.get("worker"))
         job.remaining -= 1
         if job.remaining == 0:
             finish(job)
@@ -736,7 +741,10 @@ def _run_jobs(client, todo, card, model_file, spot_args, mpp, device, precision,
             if pending:
                 handle(next(ac))
     except BaseException:
-        client.cancel([f for j, _ in where.values() for f in j.futures.values()])
+        try:
+            client.cancel([f for j, _ in where.values() for f in j.futures.values()])
+        except Exception:
+            pass  # the cluster may be gone already
         raise
     finally:
         bar.close()
