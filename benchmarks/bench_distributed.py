@@ -16,7 +16,7 @@ Peak memory per worker is VmHWM from /proc/self/status read in each worker with
 M2ORT-S with a 250-gene head (same compute). Writes a markdown table to stdout and to
 ``benchmarks/results/distributed_cpu.md``.
 
-    python benchmarks/bench_distributed.py [--spots 300] [--workers 1,2] [--tile-spots 32]
+    python benchmarks/bench_distributed.py [--spots 300] [--workers 1,2] [--tile-spots 32] [--compare-dask-defaults]
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def _auto_precision() -> str:
+    from napari_m2ort.devices import resolve_device, resolve_precision
+
+    amp = resolve_precision("auto", resolve_device("cpu"))
+    return "fp32" if amp is None else str(amp).replace("torch.", "") + " autocast"
 
 
 def prepare(workdir: Path):
@@ -185,9 +192,10 @@ def main() -> None:
         f"# bench_distributed.py — batch prediction on dask.distributed ({time.strftime('%Y-%m-%d')})",
         "",
         f"`python benchmarks/bench_distributed.py --spots {args.spots} --tile-spots {args.tile_spots} "
-        f"--batch-size {args.batch_size}`",
+        f"--batch-size {args.batch_size}{' --compare-dask-defaults' if args.compare_dask_defaults else ''}`",
         "",
-        f"Machine: {_cores()} cores ({_cpu_name()}), CPU only, torch {__import__('torch').__version__}. "
+        f"Machine: {_cores()} cores ({_cpu_name()}), CPU only, torch {__import__('torch').__version__}, "
+        f"precision auto = {_auto_precision()} on this CPU. "
         f"**Shared and noisy**: a model-training run and other jobs were using the same cores "
         f"(load average {load0[0]:.1f} at start, {load1[0]:.1f} at the end, on {_cores()} cores), so "
         "absolute numbers are low and vary run to run; compare rows, not with other machines.",

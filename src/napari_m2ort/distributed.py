@@ -1,6 +1,7 @@
 """Cohort-scale batch prediction on dask.distributed (``napari-m2ort batch``).
 
-One ``.h5ad`` per slide, identical to what ``napari-m2ort predict`` writes for it.
+One ``.h5ad`` per slide with the same content as ``napari-m2ort predict`` writes for it
+(``prediction_to_anndata``), plus a batch record in ``uns["m2ort"]["batch"]``.
 
 How the work is split
 ---------------------
@@ -16,7 +17,7 @@ How the work is split
   them and returns ``(tile id, spot indices, values float32, outside, blank)``. Memory
   per worker is one model, a batch of patches and a tile's outputs, whatever the slide
   size. Exception: a flat JPEG/PNG has no tiles, so the reader decodes it whole once per
-  worker (~0.3 GB for a 10k x 10k px image). **Convert cohorts to pyramidal OME-TIFF**
+  worker (~0.3 GB for a 10k x 10k px image, times up to ``WORKER_SLIDES`` open slides). **Convert cohorts to pyramidal OME-TIFF**
   (``napari-m2ort convert``) before running them at scale.
 * The client gathers tiles as they complete (``as_completed``), places them by spot
   index (every index exactly once, checked) and writes ``OUT/<slide name>.h5ad``
@@ -140,12 +141,10 @@ class BatchSummary:
         raise KeyError(key)
 
     def table(self) -> str:
+        """Plain-text summary: one row per slide, then the errors and notes in full."""
         rows = [("slide", "spots", "seconds", "status", "output")]
         for r in self.slides:
-            status = r.status if not r.error else f"{r.status}: {r.error}"
-            if r.note:
-                status += f" ({r.note})"
-            rows.append((r.name, str(r.spots) if r.spots else "-", f"{r.seconds:.1f}", status,
+            rows.append((r.name, str(r.spots) if r.spots else "-", f"{r.seconds:.1f}", r.status,
                          str(r.output) if r.output else "-"))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = []
@@ -154,6 +153,11 @@ class BatchSummary:
                                     row[2].rjust(widths[2]), row[3].ljust(widths[3]), row[4]]).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  ------")
+        for r in self.slides:
+            if r.error:
+                lines.append(f"{r.name}: {r.status}: {r.error}")
+            elif r.note and r.status == "done":
+                lines.append(f"{r.name}: {r.note}")
         n = self.spots_predicted
         rate = f", {n / self.seconds:.1f} spots/s" if n and self.seconds > 0 else ""
         lines.append(
@@ -611,7 +615,8 @@ def _run_jobs(client, todo, card, model_file, spot_args, mpp, device, precision,
     pending = 0
     n_tiles = 0
     workers_seen: set = set()
-    bar = tqdm(total=0, unit="tile", desc="batch", dynamic_ncols=True, disable=not show_progress)
+    bar = tqdm(total=0, unit="tile", desc="batch", dynamic_ncols=True, disable=not show_progress,
+               delay=1.0)  # shown once tiles are under way, not as an empty "0tile"
     n_slides, n_finished = len(todo), 0
 
     def threads() -> int:
