@@ -16,8 +16,7 @@ from .errors import M2ORTError
 
 
 def _add_model_opts(p):
-    p.add_argument("--model", default="bundled",
-                   help="'bundled', a .safetensors checkpoint, or an architecture name (m2ort_small|base|large)")
+    p.add_argument("--model", default="bundled", help="'bundled' or a .safetensors checkpoint")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16|fp16")
     p.add_argument("--batch-size", type=int, default=64)
@@ -238,10 +237,18 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, mode=args.mode,
                       device=args.device, precision=args.precision, seed=args.seed,
                       color_jitter=args.color_jitter, rotate=not args.no_rotate)
-    res = _run(train(model, card, train_sets, val_sets, cfg, out_path=out / "model.safetensors"))
-    (out / "history.json").write_text(json.dumps(res.history, indent=2))
-    print(f"best epoch {res.best_epoch}: {json.dumps(res.best_metrics)}")
-    print(f"wrote {out / 'model.safetensors'} ({res.seconds:.0f} s)")
+    from .train_setup import CNN_BACKBONES
+    from .io.export import atomic_write_text
+
+    baseline = card.variant in CNN_BACKBONES
+    if baseline:
+        print(f"{card.variant} is an evaluation baseline: its weights are not saved, only history.json.")
+    ckpt = None if baseline else out / "model.safetensors"
+    res = _run(train(model, card, train_sets, val_sets, cfg, out_path=ckpt))
+    atomic_write_text(out / "history.json", json.dumps(res.history, indent=2, default=float))
+    print(f"best epoch {res.best_epoch}: {json.dumps(res.best_metrics, default=float)}")
+    if ckpt is not None:
+        print(f"wrote {ckpt} ({res.seconds:.0f} s)")
     return 0
 
 
