@@ -23,3 +23,22 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def her2st(shared_data) -> Path:
     return shared_data / "her2st"
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages of the error notifications the widgets show."""
+    import napari.utils.notifications as notifications
+
+    from napari_m2ort.widgets import _workers
+
+    seen: list[str] = []
+    real = notifications.show_error
+
+    def record(message, *a, **k):
+        seen.append(str(message))
+        return real(message, *a, **k)
+
+    monkeypatch.setattr(notifications, "show_error", record)
+    monkeypatch.setattr(_workers, "show_error", record)
+    return seen

@@ -48,23 +48,6 @@ def model_path(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def errors(monkeypatch):
-    """Messages of the error notifications the widgets show."""
-    import napari.utils.notifications as notifications
-
-    from napari_m2ort.widgets import _workers
-
-    seen: list[str] = []
-    real = notifications.show_error
-
-    def record(message, *a, **k):
-        seen.append(str(message))
-        return real(message, *a, **k)
-
-    monkeypatch.setattr(notifications, "show_error", record)
-    monkeypatch.setattr(_workers, "show_error", record)
-    return seen
 
 
 def _dock(viewer, model_path):
