@@ -46,6 +46,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--color-jitter", type=float, default=0.0)
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--warmup", type=float, default=0.0, help="warmup epochs")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--tied-kv", action="store_true")
+    p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--n-genes", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mpp", type=float, default=0.69)
@@ -82,10 +87,11 @@ def main(argv=None):
                 best_epoch = 0
             else:
                 torch.manual_seed(args.seed)
-                model = build_model(model_name, len(genes))
+                model = build_model(model_name, len(genes), tied_kv=args.tied_kv, drop_path_rate=args.drop_path)
                 card = new_card(model_name, genes, args.mpp, ",".join(train_names), rule=PANEL_RULE)
                 cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device="cpu",
-                                  precision=args.precision, seed=args.seed, color_jitter=args.color_jitter)
+                                  precision=args.precision, seed=args.seed, color_jitter=args.color_jitter,
+                                  schedule=args.schedule, warmup_epochs=args.warmup, weight_decay=args.weight_decay)
 
                 def report(ev):
                     if ev.stage == "epoch":
@@ -95,11 +101,13 @@ def main(argv=None):
                 model, history, best_epoch = res.model, res.history, res.best_epoch
             metrics = evaluate_cached(model, [cached[fold]], train_mean, "cpu", "fp32")
             record = {
-                "model": model_name, "fold": fold, "train_sections": train_names, "test_section": fold,
+                "model": model_name, "tag": args.tag, "fold": fold, "train_sections": train_names, "test_section": fold,
                 "best_epoch": best_epoch, "seconds": round(time.time() - t0, 1),
                 "command": "python benchmarks/cv_her2st.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                "precision": args.precision, "color_jitter": args.color_jitter, "gene_panel": "top 250 by mean log1p-CPM on training sections",
+                "precision": args.precision, "color_jitter": args.color_jitter,
+                "schedule": args.schedule, "warmup_epochs": args.warmup, "weight_decay": args.weight_decay,
+                "tied_kv": args.tied_kv, "drop_path_rate": args.drop_path, "gene_panel": "top 250 by mean log1p-CPM on training sections",
                 "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "metrics": {k: v for k, v in metrics.items() if k != "per_gene"},

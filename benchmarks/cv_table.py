@@ -23,35 +23,82 @@ def load():
     for f in sorted(RESULTS.glob("cv_*.json")):
         rec = json.loads(f.read_text())
         rec["_file"] = f.name
+        rec["recipe"] = recipe(rec)
         rows.append(rec)
     return rows
+
+
+def recipe(rec: dict) -> str:
+    """How a result was trained, from the fields cv_her2st.py records (old files lack some)."""
+    if rec["model"] == "mean":
+        return "–"
+    sched = rec.get("schedule", "constant")
+    text = f"lr {rec['lr']:g} {sched}"
+    if rec.get("warmup_epochs"):
+        text += f", warmup {rec['warmup_epochs']:g}"
+    text += f", {rec['epochs']} epochs"
+    if rec.get("weight_decay"):
+        text += f", wd {rec['weight_decay']:g}"
+    if rec.get("tied_kv"):
+        text += ", tied_kv"
+    if rec.get("color_jitter"):
+        text += f", colour jitter {rec['color_jitter']:g}"
+    if rec.get("drop_path_rate"):
+        text += f", drop path {rec['drop_path_rate']:g}"
+    return text
+
+
+def complete(rows) -> tuple[list, list]:
+    """Split into recipes run on all four folds (the comparison) and partial ablations.
+    The mean predictor has no recipe and goes with the complete ones."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["recipe"]), []).append(r)
+    full, partial = [], []
+    for rs in groups.values():
+        (full if len({r["fold"] for r in rs}) == 4 else partial).extend(rs)
+    return full, partial
 
 
 def fmt(v):
     return "–" if v is None else f"{v:.3f}"
 
 
-def table(rows) -> str:
+def table(rows, with_folds: bool = True) -> str:
     keys = ["pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean", "pcc_spot_mean_baseline", "rmse_mean"]
-    lines = ["| model | held-out section | PCC-gene | PCC-gene top-50 | PCC-spot | PCC-spot of mean baseline | RMSE | best epoch | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    by_model: dict = {}
-    for r in sorted(rows, key=lambda r: (r["model"], r["fold"])):
+    lines = ["| model | training recipe | held-out section | PCC-gene | PCC-gene top-50 | PCC-spot | PCC-spot of mean baseline | RMSE | best epoch | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in sorted(rows, key=lambda r: (r["model"], r["recipe"], r["fold"])):
         m = r["metrics"]
-        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['fold']} | " + " | ".join(fmt(m.get(k)) for k in keys)
-                     + f" | {r.get('best_epoch', '')} | {r.get('seconds', 0):.0f} |")
-        by_model.setdefault(r["model"], []).append(m)
-    for model, ms in by_model.items():
+        if with_folds:
+            lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['recipe']} | {r['fold']} | "
+                         + " | ".join(fmt(m.get(k)) for k in keys)
+                         + f" | {r.get('best_epoch', '')} | {r.get('seconds', 0):.0f} |")
+        groups.setdefault((r["model"], r["recipe"]), []).append(r)
+    for (model, rec), rs in groups.items():
+        ms = [r["metrics"] for r in rs]
         means = [sum(m[k] for m in ms if m.get(k) is not None) / max(1, sum(m.get(k) is not None for m in ms)) for k in keys]
-        lines.append(f"| **{LABELS.get(model, model)} mean** | {len(ms)} of 4 folds | " + " | ".join(f"**{v:.3f}**" for v in means) + " | | |")
+        folds = ",".join(r["fold"] for r in rs)
+        where = f"{len(ms)} of 4 folds" if len(ms) == 4 else f"{folds} only"
+        lines.append(f"| **{LABELS.get(model, model)} mean** | {rec} | {where} | " + " | ".join(f"**{v:.3f}**" for v in means) + " | | |")
     return "\n".join(lines)
+
+
+def tables(rows) -> str:
+    full, partial = complete(rows)
+    text = table(full)
+    if partial:
+        text += ("\n\nAblations run on some folds only (one fold is one held-out section; "
+                 "compare with the same fold above, not with the 4-fold means):\n\n" + table(partial))
+    return text
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--readme", action="store_true")
     args = p.parse_args()
-    text = table(load())
+    text = tables(load())
     print(text)
     if args.readme:
         readme = ROOT / "README.md"

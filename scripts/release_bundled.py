@@ -18,10 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cv_summary() -> dict:
+    """Per model and training recipe (only recipes run on all four folds)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cv_table", ROOT / "benchmarks" / "cv_table.py")
+    cv_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv_table)
+    full, _ = cv_table.complete(cv_table.load())
     out: dict = {}
-    for f in sorted((ROOT / "benchmarks" / "results").glob("cv_*.json")):
-        rec = json.loads(f.read_text())
-        out.setdefault(rec["model"], {})[rec["fold"]] = {
+    for rec in full:
+        key = rec["model"] if rec["recipe"] == "–" else f"{rec['model']} ({rec['recipe']})"
+        out.setdefault(key, {})[rec["fold"]] = {
             k: rec["metrics"].get(k) for k in ("pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean",
                                                  "pcc_spot_mean_baseline", "rmse_mean", "n_spots", "n_genes")}
     for model, folds in out.items():

@@ -56,6 +56,34 @@ def test_flops_per_spot_small(small):
     assert flops_per_spot(small) == 3_424_838_400
 
 
+def test_executed_flops_skip_the_last_blocks_other_tokens(small):
+    # The last block runs only keys and values for the 196 non-CLS tokens.
+    assert m2ort_mod.executed_flops_per_spot(small) == 2_989_059_840
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cls_only_last_block_equals_full_forward(tied):
+    """forward() computes the last block for CLS alone; outputs and gradients must be
+    those of the full token stack."""
+    torch.manual_seed(0)
+    model = timm.create_model("m2ort_small", num_classes=7, tied_kv=tied)
+    x = inputs(2)
+    with torch.inference_mode():
+        model.eval()
+        torch.testing.assert_close(model.forward_cls(*x), model.forward_features(*x)[:, :1], rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model.forward_head(model.forward_features(*x))
+            fast = model(*x)
+        torch.testing.assert_close(fast, full, rtol=2e-2, atol=2e-2)
+    model.train()
+    grads = []
+    for fn in (lambda: model(*x), lambda: model.forward_head(model.forward_features(*x))):
+        model.zero_grad()
+        fn().square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
 def test_attributes(small):
     assert (small.num_genes, small.embed_dim, small.depth, small.num_heads) == (250, 576, 6, 9)
     assert small.pretrained_cfg["architecture"] == "m2ort_small"
@@ -92,7 +120,7 @@ def test_output_shapes_and_features(small):
         y = small(*x)
         feats = small.forward_features(*x)
         pre = small.forward_head(feats, pre_logits=True)
-        assert torch.equal(small.forward_head(feats), y)
+        torch.testing.assert_close(small.forward_head(feats), y, rtol=1e-4, atol=1e-5)
     assert y.shape == (1, 250) and y.dtype == torch.float32 and torch.isfinite(y).all()
     assert feats.shape == (1, 197, 576) and pre.shape == (1, 576)
 

@@ -91,3 +91,19 @@ def test_genes_missing_is_a_clear_error(her2st):
     section = read_her2st(her2st, "C2")
     with pytest.raises(M2ORTError, match="panel genes are not in this data"):
         run_to_end(prepare_section(section, ["ERBB2", "NOT_A_GENE_1"], 0.69))
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    from napari_m2ort.training import lr_factor
+
+    f = lr_factor(TrainConfig(epochs=10, schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
+    ramp = [f(s) for s in range(10)]
+    assert ramp == sorted(ramp) and ramp[0] < 0.2 and ramp[-1] < 1.0
+    assert f(10) == pytest.approx(1.0)
+    tail = [f(s) for s in range(10, 100)]
+    assert tail == sorted(tail, reverse=True) and tail[-1] < 0.01
+    assert f(55) == pytest.approx(0.5, abs=0.03)  # halfway through the cosine part
+    const = lr_factor(TrainConfig(epochs=3), steps_per_epoch=4)
+    assert [const(s) for s in range(12)] == [1.0] * 12
+    with pytest.raises(M2ORTError, match="schedule"):
+        lr_factor(TrainConfig(schedule="step"), 4)

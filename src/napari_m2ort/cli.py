@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--mode", default="full", choices=["full", "head"])
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning rate: constant (the spec's reference) or linear warmup then cosine to 0")
+    p.add_argument("--warmup", type=float, default=0.0, help="warmup epochs (linear ramp of the lr)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay")
     p.add_argument("--val", default="blocks", help="'blocks' (held-out spatial blocks), 'none', or a section name")
     p.add_argument("--train-mpp", type=float, default=None, help="µm/px the model works at (default: the model's, or 0.69)")
     p.add_argument("--tied-kv", action="store_true")
@@ -236,7 +240,8 @@ def cmd_train(args) -> int:
     train_sets, val_sets = train_setup.split(cached, args.val, args.seed)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, mode=args.mode,
                       device=args.device, precision=args.precision, seed=args.seed,
-                      color_jitter=args.color_jitter, rotate=not args.no_rotate)
+                      color_jitter=args.color_jitter, rotate=not args.no_rotate, schedule=args.schedule,
+                      warmup_epochs=args.warmup, weight_decay=args.weight_decay)
     from .train_setup import CNN_BACKBONES
     from .io.export import atomic_write_text
 

@@ -54,15 +54,15 @@ def new_card(variant: str, genes: list, mpp: float, training_data: str = "", tie
     )
 
 
-def build_model(variant: str, n_genes: int, tied_kv: bool = False):
+def build_model(variant: str, n_genes: int, tied_kv: bool = False, drop_path_rate: float = 0.0):
     import timm
 
     from .model.baselines import SingleScaleCNN
 
     if variant in CNN_BACKBONES:
-        return SingleScaleCNN(variant, num_classes=n_genes)
+        return SingleScaleCNN(variant, num_classes=n_genes, drop_path_rate=drop_path_rate)
     try:
-        return timm.create_model(variant, num_classes=n_genes, tied_kv=tied_kv)
+        return timm.create_model(variant, num_classes=n_genes, tied_kv=tied_kv, drop_path_rate=drop_path_rate)
     except RuntimeError as exc:
         raise M2ORTError(f"Unknown model {variant!r}: use m2ort_small, m2ort_base, m2ort_large or a checkpoint.") from exc
 

@@ -54,6 +54,8 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 96
     weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" | "cosine" (per step, to 0 at the last step)
+    warmup_epochs: float = 0.0
     mode: str = "full"  # "full" | "head"
     augment: bool = True
     rotate: bool = True
@@ -256,10 +258,13 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
     elif cfg.mode != "full":
         raise M2ORTError(f"Unknown fine-tuning mode {cfg.mode!r}: use 'full' or 'head'.")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # AdamW: with weight_decay 0 (the spec's default) it is exactly Adam; with decay it
+    # is the decoupled form transformers are tuned with.
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(y)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     history: list[dict] = []
     best_score, best_epoch, best_metrics, best_state = -np.inf, -1, {}, None
     stopped = False
@@ -289,6 +294,7 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
             step += 1
             yield Progress("train", step, total, f"epoch {epoch} loss {losses[-1]:.4f}",
@@ -298,7 +304,8 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
                 break
         if stopped:
             break
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - te}
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - te,
+                  "lr": float(opt.param_groups[0]["lr"])}
         if val_sets and (e + 1) % cfg.eval_every == 0:
             metrics = evaluate_cached(model, val_sets, train_mean, dev, cfg.precision)
             record["val"] = {k: v for k, v in metrics.items() if k != "per_gene"}
@@ -324,6 +331,29 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
     return TrainResult(model, card, history, best_epoch, best_metrics,
                        Path(out_path) if out_path is not None and Path(out_path).exists() else None,
                        stopped, epoch if not stopped else epoch - 1, time.perf_counter() - t0)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at each optimiser step: linear warmup, then constant or cosine.
+
+    From-scratch transformers on a few hundred spots get only a few hundred steps; a
+    warmup keeps the first ones from wrecking the init and a cosine tail lets the last
+    epochs settle instead of bouncing at the full rate.
+    """
+    if cfg.schedule not in ("constant", "cosine"):
+        raise M2ORTError(f"Unknown learning-rate schedule {cfg.schedule!r}: use 'constant' or 'cosine'.")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(round(max(0.0, cfg.warmup_epochs) * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
 
 
 def _epoch_message(record: dict) -> str:

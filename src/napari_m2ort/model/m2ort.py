@@ -29,7 +29,7 @@ from timm.models import _registry as _timm_registry
 
 from ..errors import M2ORTError
 
-__all__ = ["M2ORT", "LevelEmbedding", "LDPE", "ITMM", "ICMM", "Block", "flops_per_spot", "VARIANTS"]
+__all__ = ["M2ORT", "LevelEmbedding", "LDPE", "ITMM", "ICMM", "Block", "flops_per_spot", "executed_flops_per_spot", "VARIANTS"]
 
 GRID = 14  # tokens per side at every level
 NUM_PATCHES = GRID * GRID
@@ -233,20 +233,31 @@ class ITMM(nn.Module):
         self.proj = nn.Linear(inner, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project the three groups; returns q, k, v as (B, heads, N, 64) views."""
+    def qkv(
+        self, x: torch.Tensor, num_queries: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project the three groups; returns q, k, v as (B, heads, N, 64) views.
+
+        ``num_queries``: project queries for the first tokens only (keys and values
+        still come from all of them)."""
         b, n, _ = x.shape
         g = self.group
-        q = linear(x[..., :g], self.q)
+        nq = n if num_queries is None else num_queries
+        q = linear(x[:, :nq, :g], self.q)
         k = linear(x[..., g : 2 * g], self.k)
         v = linear(x[..., 2 * g :], self.k if self.v is None else self.v)
-        shape = (b, n, self.num_heads, self.head_dim)
-        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))  # type: ignore[return-value]
+        heads = (self.num_heads, self.head_dim)
+        return q.view(b, nq, *heads).transpose(1, 2), k.view(b, n, *heads).transpose(1, 2), v.view(
+            b, n, *heads
+        ).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, num_queries: int | None = None
+    ) -> torch.Tensor:
         """Attention on normed tokens ``x``; ``residual`` (only when dropout is off) is
-        added inside the output projection."""
-        q, k, v = self.qkv(x)
+        added inside the output projection. With ``num_queries`` only the first tokens
+        attend (to all), and the output has that many tokens."""
+        q, k, v = self.qkv(x, num_queries)
         if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
             x = _cpu_bf16_attention(q, k, v, self.scale)
         else:
@@ -327,6 +338,20 @@ class Block(nn.Module):
         # Same sums, with each residual add handed to the branch's last linear (fused on CPU).
         x = self.attn(self.norm1(x), residual=x)
         return self.mlp(self.norm2(x), residual=x)
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for the CLS token only: (B, N, D) -> (B, 1, D).
+
+        Exactly the CLS row of ``forward``: its query attends to every token's keys and
+        values, but the other tokens' queries, output projection and MLP are not needed
+        by the head, so the last block skips them (13 % of M2ORT-S's FLOPs).
+        """
+        cls = x[:, :1].contiguous()
+        if self.training and self.stochastic:
+            cls = cls + self.drop_path1(self.attn(self.norm1(x), num_queries=1))
+            return cls + self.drop_path2(self.mlp(self.norm2(cls)))
+        cls = self.attn(self.norm1(x), residual=cls, num_queries=1)
+        return self.mlp(self.norm2(cls), residual=cls)
 
 
 class M2ORT(nn.Module):
@@ -449,8 +474,20 @@ class M2ORT(nn.Module):
                 return self.head(x.to(self.norm.weight.dtype))
         return self.head(x)
 
+    def forward_cls(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        """Final-normed CLS token only, (B, 1, D): what the head reads. Equal to
+        ``forward_features(...)[:, :1]``, with the last block computed for CLS alone."""
+        x = self.embed(level1, level2, level3)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
+        if len(self.blocks) == 0:
+            return self.norm(x[:, :1])
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.norm(self.blocks[-1].forward_cls(x))
+
     def forward(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(level1, level2, level3))
+        return self.forward_head(self.forward_cls(level1, level2, level3))
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -508,6 +545,24 @@ def flops_per_spot(model: M2ORT) -> int:
     if isinstance(model.head, nn.Linear):
         macs += model.head.in_features * model.head.out_features
     return 2 * macs
+
+
+def executed_flops_per_spot(model: M2ORT) -> int:
+    """FLOPs ``forward`` actually runs per spot: ``flops_per_spot`` minus what the
+    CLS-only last block skips (the other tokens' queries, attention rows, output
+    projection and MLP). M2ORT-S: 2.99 GFLOP."""
+    total = flops_per_spot(model)
+    if len(model.blocks) == 0:
+        return total
+    n = model.patch_embed.num_patches  # tokens besides CLS, all skipped
+    blk = model.blocks[-1]
+    a = blk.attn
+    inner = a.num_heads * a.head_dim
+    skipped = n * (a.q.in_features * inner + a.proj.in_features * a.proj.out_features
+                   + blk.mlp.fc1.in_features * blk.mlp.fc1.out_features
+                   + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features)
+    skipped += 2 * n * (n + 1) * inner  # the other tokens' rows of q @ k^T and attn @ v
+    return total - 2 * skipped
 
 
 # -- timm registration -----------------------------------------------------------------
@@ -579,9 +634,9 @@ def m2ort_large(pretrained: bool = False, **kwargs: Any) -> M2ORT:
 
 
 # Reference attention for tests and the benchmark: explicit softmax, same weights.
-def reference_attention(attn: ITMM, x: torch.Tensor) -> torch.Tensor:
+def reference_attention(attn: ITMM, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
     """ITMM written out (matmul, softmax, matmul) to check the fused SDPA path against."""
-    q, k, v = attn.qkv(x)
+    q, k, v = attn.qkv(x, num_queries)
     w = (q @ k.transpose(-2, -1)) * attn.scale
     out = w.softmax(dim=-1) @ v
     b, h, n, d = out.shape
