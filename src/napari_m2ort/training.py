@@ -240,6 +240,8 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
     rng = np.random.default_rng(cfg.seed)
     dev = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, dev)
+    if amp == torch.float16 and str(cfg.precision).lower() == "auto":
+        amp = None  # "auto" on MPS: this loop has no loss scaling, and fp16 gradients underflow
     model = model.to(dev)
     level1 = np.concatenate([s.level1 for s in train_sets])
     y = torch.from_numpy(np.concatenate([s.y for s in train_sets]).astype(np.float32))

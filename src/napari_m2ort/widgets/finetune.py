@@ -202,6 +202,12 @@ class FinetuneWidget(QWidget):
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(1e-4)
         form.addRow("Learning rate", self.lr_spin)
+        self.schedule_combo = QComboBox()
+        self.schedule_combo.addItem("Constant", "constant")
+        self.schedule_combo.addItem("Warmup + cosine decay", "cosine")
+        self.schedule_combo.setToolTip("Cosine: one warmup epoch, then the rate falls to 0 at the last epoch "
+                                       "(steadier end of training; what the bundled model used)")
+        form.addRow("LR schedule", self.schedule_combo)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 1024)
         self.batch_spin.setValue(32)
@@ -499,7 +505,9 @@ class FinetuneWidget(QWidget):
 
         cfg = TrainConfig(epochs=int(self.epochs_spin.value()), lr=float(self.lr_spin.value()),
                           batch_size=int(self.batch_spin.value()), mode=self.mode_combo.currentData(),
-                          device=self.device_combo.currentText(), precision="fp32")
+                          device=self.device_combo.currentText(), precision="auto",
+                          schedule=self.schedule_combo.currentData(),
+                          warmup_epochs=1.0 if self.schedule_combo.currentData() == "cosine" else 0.0)
         val = self.val_combo.currentData() or "blocks"
         out_path = self._tmpdir / f"finetuned-{int(time.time())}.safetensors"
 
