@@ -4,7 +4,7 @@ Copies the weights as fp16 into the package, writes the cross-validation summary
 benchmarks/results/cv_*.json into the model card's metrics, and writes the card next to
 the weights as MODEL_CARD.json for people who do not load the file.
 
-    python scripts/release_bundled.py .cache/bundled_run/model.safetensors
+    python scripts/release_bundled.py .cache/bundled_run/model.safetensors [the training command]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def cv_summary() -> dict:
     return out
 
 
-def main(src: str) -> None:
+def main(src: str, command: str = "") -> None:
     import napari_m2ort  # noqa: F401
     from napari_m2ort.model import weights
 
@@ -45,6 +45,8 @@ def main(src: str) -> None:
     card.metrics = {
         "held_out_spatial_blocks": card.metrics.get("validation"),
         "best_epoch": card.metrics.get("best_epoch"),
+        "train_config": card.metrics.get("train_config"),
+        "training_command": command or None,
         "leave_one_section_out_cv_patient_C": cv_summary(),
         "note": ("held_out_spatial_blocks pools validation blocks of all five sections (section "
                  "differences inflate PCC-gene); the cross-validation numbers are on whole held-out "
@@ -62,4 +64,4 @@ def main(src: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], " ".join(sys.argv[2:]))

@@ -316,12 +316,13 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
                 best_score, best_epoch, best_metrics = score, epoch, record["val"]
                 best_state = copy.deepcopy(model.state_dict())
                 if out_path is not None:
-                    card.metrics = {"validation": best_metrics, "best_epoch": best_epoch}
+                    card.metrics = {"validation": best_metrics, "best_epoch": best_epoch,
+                                    "train_config": _config_record(cfg)}
                     save_checkpoint(model, card, out_path)
         elif not val_sets:
             best_epoch, best_state = epoch, None
             if out_path is not None:
-                card.metrics = {"validation": None, "epochs": epoch}
+                card.metrics = {"validation": None, "epochs": epoch, "train_config": _config_record(cfg)}
                 save_checkpoint(model, card, out_path)
         history.append(record)
         yield Progress("epoch", e + 1, cfg.epochs, _epoch_message(record), data=dict(record))
@@ -356,6 +357,13 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return factor
+
+
+def _config_record(cfg: TrainConfig) -> dict:
+    """The recipe, stored in the checkpoint's card so a model says how it was trained."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(cfg).items() if k not in ("device", "eval_every")}
 
 
 def _epoch_message(record: dict) -> str:
