@@ -120,6 +120,7 @@ def test_output_shapes_and_features(small):
         y = small(*x)
         feats = small.forward_features(*x)
         pre = small.forward_head(feats, pre_logits=True)
+        assert torch.equal(small.forward_head(small.forward_cls(*x)), y)
         torch.testing.assert_close(small.forward_head(feats), y, rtol=1e-4, atol=1e-5)
     assert y.shape == (1, 250) and y.dtype == torch.float32 and torch.isfinite(y).all()
     assert feats.shape == (1, 197, 576) and pre.shape == (1, 576)

@@ -457,11 +457,13 @@ class M2ORT(nn.Module):
         self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor
     ) -> torch.Tensor:
         """Encoded, final-normed tokens (B, 197, D); index 0 is the CLS token."""
+        return self.norm(self.blocks(self._tokens(level1, level2, level3)))
+
+    def _tokens(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
+        """CLS + LDPE tokens with position embedding: the encoder's input (B, 197, D)."""
         x = self.embed(level1, level2, level3)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed
-        x = self.blocks(self.pos_drop(x))
-        return self.norm(x)
+        return self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """CLS token -> genes. Under autocast the head still runs in float32: it is one
@@ -477,9 +479,7 @@ class M2ORT(nn.Module):
     def forward_cls(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         """Final-normed CLS token only, (B, 1, D): what the head reads. Equal to
         ``forward_features(...)[:, :1]``, with the last block computed for CLS alone."""
-        x = self.embed(level1, level2, level3)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = self.pos_drop(torch.cat([cls, x], dim=1) + self.pos_embed)
+        x = self._tokens(level1, level2, level3)
         if len(self.blocks) == 0:
             return self.norm(x[:, :1])
         for blk in self.blocks[:-1]:
