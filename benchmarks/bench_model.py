@@ -8,7 +8,9 @@ attention products), so the ratio says how much of the machine the implementatio
 Rows: float32 eager as shipped (fused SDPA; on CPU, oneDNN linears with fused bias, GELU
 and residual add), the same with plain ``F.linear`` (MKL) on CPU, the same with explicit
 softmax attention, and bf16 autocast as shipped (on CPU: oneDNN bf16 linears and batched
-bf16 attention) with its relative error against float32.
+bf16 attention) with its relative error against float32; then the opt-in
+``torch.compile`` path (``napari_m2ort.compiled``: inductor, frozen weights, static batch)
+in fp32 and bf16, with the one-time compile time (``--no-compile`` skips these rows).
 
     python benchmarks/bench_model.py                       # CPU, batch 64
     python benchmarks/bench_model.py --threads 2 --out benchmarks/results/model_cpu.md
@@ -33,6 +35,7 @@ import torch
 
 import napari_m2ort  # noqa: F401  (registers the models; must precede timm)
 import timm
+from napari_m2ort.compiled import compiled_forward
 from napari_m2ort.model import m2ort as arch
 
 GEMM_N = 4096
@@ -116,11 +119,31 @@ def model_case(model, x, device: str, explicit=False, plain=False, bf16=False, f
     return run
 
 
-def rel_error(model, x, device) -> float:
+def compiled_case(model, x, device: str, bf16: bool):
+    """The shipped opt-in compiled forward; returns (fn, compile seconds, compiled?)."""
+    amp = torch.bfloat16 if bf16 else None
+    fwd, ok = compiled_forward(model, torch.device(device), amp, x[0].shape[0])
+
+    def run():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            return fwd(*x)
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        run()  # compiles
+        seconds = time.perf_counter() - t0
+    return run, seconds, ok and not getattr(fwd, "failed", False)
+
+
+def rel_error(model, x, device, fn=None) -> float:
+    """Relative error of ``fn`` (default: bf16 autocast eager) against float32 eager."""
     with torch.inference_mode():
         ref = model(*x).float()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            low = model(*x).float()
+        if fn is None:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                low = model(*x).float()
+        else:
+            low = fn().float()
     return ((low - ref).norm() / ref.norm()).item()
 
 
@@ -132,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
     p.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -149,6 +173,7 @@ def main(argv=None) -> int:
 
     mm_cases = matmul_cases(device)
     cases: list[tuple[str, int, object]] = []
+    compiled_fns: dict = {}
     inputs = {}
     for batch in batches:
         x = inputs[batch] = make_inputs(batch, device)
@@ -162,6 +187,13 @@ def main(argv=None) -> int:
         if device == "cuda":
             cases.append(("bf16 autocast, explicit attention", batch,
                           model_case(model, x, device, explicit=True, bf16=True)))  # fmt: skip
+        if not args.no_compile:
+            for bf16 in (False, True):
+                fn, seconds, ok = compiled_case(model, x, device, bf16)
+                name = f"{'bf16 autocast' if bf16 else 'fp32'} + torch.compile"
+                name += f" (frozen weights; compile {seconds:.0f} s)" if ok else " (FAILED: eager)"
+                cases.append((name, batch, fn))
+                compiled_fns[(name, batch)] = fn
 
     # Rounds interleave every case, so a burst of load from other processes hits all of
     # them alike; each case keeps its best time. Round 0 is the warm-up.
@@ -180,7 +212,9 @@ def main(argv=None) -> int:
     rows = []
     for name, batch, _ in cases:
         t = best[f"{name}|{batch}"]
-        err = rel_error(model, inputs[batch], device) if name.startswith("bf16") else None
+        err = None
+        if name.startswith("bf16"):
+            err = rel_error(model, inputs[batch], device, compiled_fns.get((name, batch)))
         executed = gflop if name == FULL_LAST else gflop_run
         rows.append((name, batch, batch / t, gflop * batch / t, executed * batch / t, name.startswith("bf16"), err))
 
@@ -204,7 +238,7 @@ def main(argv=None) -> int:
     ]
     fp32_by_batch = {r[1]: r[2] for r in rows if r[0] == SHIPPED_FP32}
     for name, batch, sps, rate, run_rate, bf16, err in rows:
-        speed = f" ({sps / fp32_by_batch[batch]:.2f}x fp32)" if bf16 else ""
+        speed = f" ({sps / fp32_by_batch[batch]:.2f}x fp32)" if bf16 or "compile" in name else ""
         lines.append(
             f"| {name}{speed} | {batch} | {sps:.1f} | {rate:.0f} | {rate / fp32_peak:.2f} | "
             f"{rate / mm['bf16']:.2f} | {run_rate:.0f} | {run_rate / fp32_peak:.2f} | "

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Set up everything napari-m2ort needs on a Debian machine: the system libraries Qt and
-# OpenGL need (plus Xvfb for headless use), then a virtual environment in .venv with the
-# package, its test extras and the torch pins from constraints.txt (CPU torch, no CUDA
-# downloads). Safe to run again: it only installs what is missing.
+# OpenGL need (plus Xvfb for headless use, and g++ for the optional torch.compile), then
+# a virtual environment in .venv with the package, its test extras and the torch pins
+# from constraints.txt (CPU torch, no CUDA downloads). Safe to run again: it only
+# installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS="xvfb xauth libgl1 libegl1 libglib2.0-0 libdbus-1-3 libfontconfig1 libxkbcommon0
 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1
-libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xfixes0"
+libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xfixes0 g++"
 
 if command -v apt-get >/dev/null 2>&1; then
   missing=""

@@ -37,6 +37,23 @@ def test_predict_region_writes_anndata(c2_crop_tif, tmp_path):
     assert a.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55 / 0.69)
 
 
+def test_predict_compiled_matches_eager(c2_crop_tif, tmp_path, capsys):
+    import os
+    import shutil
+
+    args = ["predict", str(c2_crop_tif), "--region", "300,300,800,700", "--device", "cpu",
+            "--precision", "bf16"]
+    assert main([*args, "--out", str(tmp_path / "eager.h5ad")]) == 0
+    assert main([*args, "--out", str(tmp_path / "compiled.h5ad"), "--compile"]) == 0
+    eager, comp = ad.read_h5ad(tmp_path / "eager.h5ad"), ad.read_h5ad(tmp_path / "compiled.h5ad")
+    compiled = json.loads(comp.uns["m2ort"]["inference"])["compiled"]
+    assert compiled is (shutil.which(os.environ.get("CXX", "g++")) is not None)
+    assert ("(compiled)" in capsys.readouterr().out) is compiled
+    assert list(eager.obs_names) == list(comp.obs_names)
+    rel = np.linalg.norm(comp.X - eager.X) / np.linalg.norm(eager.X)
+    assert rel < 1e-2, rel
+
+
 def test_evaluate_bundled_on_a_section(her2st, tmp_path):
     out = tmp_path / "metrics.json"
     rc = main(["evaluate", "--her2st", str(her2st), "--sections", "C2", "--model", "bundled",

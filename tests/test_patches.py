@@ -67,3 +67,5 @@ def test_model_inputs_are_pooled_levels():
     assert float(a.max()) <= 1.0 and float(a.min()) >= 0.0
     ref = l1.astype(np.float64).reshape(2, 56, 4, 56, 4, 3).mean((2, 4)) / 255.0
     assert np.allclose(c.permute(0, 2, 3, 1).numpy(), ref, atol=1e-5)
+    # channels-last memory, no copy: the model reads (p, p, 3) patches from contiguous rows
+    assert all(t.is_contiguous(memory_format=__import__("torch").channels_last) for t in (a, b, c))

@@ -249,16 +249,23 @@ def test_cancel_keeps_partial_predictions(make_napari_viewer, qtbot, model_path)
     assert widget.predict_regions_btn.isEnabled() and not widget.cancel_btn.isEnabled()
 
 
-def test_predict_view(make_napari_viewer, qtbot, model_path):
+def _predict_300um_view(make_napari_viewer, qtbot, model_path):
+    """The sample slide, the widget, and a prediction of a 300 µm wide view of tissue."""
     viewer = make_napari_viewer()
     _sample(viewer)
     widget = _dock(viewer, model_path)
     h, w = viewer.canvas.size
     viewer.camera.center = (4000.0, 3800.0)
-    viewer.camera.zoom = max(h, w) / 300.0  # a 300 µm wide field of view
+    viewer.camera.zoom = max(h, w) / 300.0
     widget.predict_view()
     _wait(qtbot, widget)
     assert widget.last_error is None, widget.last_error
+    return viewer, widget
+
+
+def test_predict_view(make_napari_viewer, qtbot, model_path):
+    viewer, widget = _predict_300um_view(make_napari_viewer, qtbot, model_path)
+    h, w = viewer.canvas.size
     layer = widget.predictions_layer()
     assert 2 <= len(layer.data) <= 20
     half = np.array([h, w]) / viewer.camera.zoom / 2
@@ -273,6 +280,34 @@ def test_predict_view(make_napari_viewer, qtbot, model_path):
     st_layer = widget.predictions_layer()
     assert st_layer != layer and st_layer.metadata["layout"] == "st"
     assert np.allclose(st_layer.size, 100.0) and np.allclose(layer.size, 55.0)
+
+
+def test_predict_view_compiled(make_napari_viewer, qtbot, model_path):
+    """The compile checkbox reaches the engine; compiled values match eager ones."""
+    import os
+    import shutil
+
+    import torch
+
+    from napari_m2ort.devices import resolve_precision
+
+    viewer, widget = _predict_300um_view(make_napari_viewer, qtbot, model_path)
+    eager = widget.predictions_layer().features.copy()
+    assert widget.last_run["compiled"] is False
+    # the same spots again, compiled, into a fresh layer
+    viewer.layers.remove(widget.predictions_layer())
+    widget.compile_check.setChecked(True)
+    widget.predict_view()
+    _wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    bf16_cpu = resolve_precision("auto", torch.device("cpu")) is not None
+    has_cxx = shutil.which(os.environ.get("CXX", "g++")) is not None
+    assert widget.last_run["compiled"] is (bf16_cpu and has_cxx)
+    comp = widget.predictions_layer().features
+    genes = [c for c in eager.columns if c in comp.columns and eager[c].dtype.kind == "f"]
+    assert len(comp) == len(eager) and len(genes) >= 10
+    a, b = eager[genes].to_numpy(), comp[genes].to_numpy()
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-2
 
 
 def test_predict_tissue_custom_layout(make_napari_viewer, qtbot, model_path):

@@ -51,7 +51,9 @@ def area_downsample(images: np.ndarray, factor: int) -> np.ndarray:
 def model_inputs(level1_uint8, device=None, dtype=None):
     """uint8 NHWC level-1 patches -> the model's three float NCHW inputs in [0, 1].
 
-    Pooling happens on the device, so only the 224 px patch crosses the bus.
+    Pooling happens on the device, so only the 224 px patch crosses the bus. The tensors
+    keep the NHWC memory they came in (NCHW shape, channels-last strides): the model cuts
+    (p, p, 3) patches from contiguous rows then, and no NCHW copy is made (same values).
     """
     import torch
     import torch.nn.functional as F
@@ -64,7 +66,7 @@ def model_inputs(level1_uint8, device=None, dtype=None):
     l3 = F.avg_pool2d(x, 4)
     if dtype is not None:
         x, l2, l3 = x.to(dtype), l2.to(dtype), l3.to(dtype)
-    return x.contiguous(), l2.contiguous(), l3.contiguous()
+    return x, l2, l3
 
 
 def fov_um(mpp: float, size_px: int = PATCH_PX) -> float:

@@ -154,6 +154,12 @@ class PredictWidget(QWidget):
         self.batch_spin.setValue(64)
         self.batch_spin.setToolTip("Spots per model batch; the display updates after each batch")
         form.addRow("Batch size", self.batch_spin)
+        self.compile_check = QCheckBox("Compile the model (large jobs)")
+        self.compile_check.setToolTip(
+            "torch.compile: the first prediction waits 20-40 s while the model compiles, "
+            "then bf16 on CPU runs ~1.3x faster (GPU: untested here). Worth it for "
+            "thousands of spots; skipped for float32 on CPU, where it is slower.")
+        form.addRow("", self.compile_check)
         root.addWidget(box)
         self._on_layout_changed()
 
@@ -591,6 +597,7 @@ class PredictWidget(QWidget):
         layout = self._layout_params()
         device = self.device_combo.currentText()
         batch = int(self.batch_spin.value())
+        compile_model = self.compile_check.isChecked()
         existing = self._existing_ids(layer.name)
         mask_key = slide_key
 
@@ -624,7 +631,8 @@ class PredictWidget(QWidget):
                 return run
             yield Progress("plan", 0, len(spots), f"{len(spots)} spots", data={"run": run})
             run.prediction = yield from predict(slide, spots.centers_um, model, card, device=device,
-                                                batch_size=batch, should_stop=should_stop)
+                                                batch_size=batch, should_stop=should_stop,
+                                                compile=compile_model)
             return run
 
         self._run = {"what": what, "geom": geom, "slide_layer": layer.name, "t0": time.perf_counter(),
@@ -715,7 +723,7 @@ class PredictWidget(QWidget):
             "n_spots": n_done, "n_requested": len(pred.done), "skipped": run.skipped,
             "seconds": seconds, "seconds_to_first_batch": self._run.get("t_first"),
             "stopped": bool(info.get("stopped")), "device": info.get("device"),
-            "spots_per_s": info.get("spots_per_s"),
+            "spots_per_s": info.get("spots_per_s"), "compiled": bool(info.get("compiled")),
         }
         layer = self._run.get("layer")
         if layer is not None and layer in self.viewer.layers:
