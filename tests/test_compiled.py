@@ -50,6 +50,11 @@ def test_compiled_bf16_matches_fp32_and_is_deterministic(slide, tiny):
     rel = np.linalg.norm(a.values - ref.values) / np.linalg.norm(ref.values)
     assert rel < 1e-2, rel
     assert np.array_equal(a.values, b.values)
+    # "auto": compiled as part of a large job (a dask tile of a big slide), eager on its own
+    big = _run(slide, model, card, precision="bf16", compile="auto", job_spots=compiled.AUTO_MIN_SPOTS)
+    alone = _run(slide, model, card, precision="bf16", compile="auto")
+    assert big.info["compiled"] is HAS_CXX and alone.info["compiled"] is False
+    assert np.array_equal(big.values, a.values)
     # the same spots in a short, padded batch of their own get the same values
     one = run_to_end(predict(slide, _centers()[:3], model, card, device="cpu", batch_size=8,
                              precision="bf16", compile=True))
@@ -89,3 +94,18 @@ def test_compile_skipped_for_cpu_float32(slide, tiny):
     with pytest.warns(UserWarning, match="skipped for float32 on CPU"):
         pred = _run(slide, model, card, precision="fp32", compile=True)
     assert pred.info["compiled"] is False and pred.complete
+
+
+def test_decide_when_to_compile():
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    big, small = compiled.AUTO_MIN_SPOTS, compiled.AUTO_MIN_SPOTS - 1
+    assert compiled.decide("auto", cpu, bf16, big) == (True, None)
+    assert compiled.decide("auto", cpu, bf16, small) == (False, None)
+    assert compiled.decide("auto", cpu, None, 10**6) == (False, None)  # fp32 CPU: never
+    assert compiled.decide("auto", torch.device("cuda"), bf16, 10**6) == (False, None)  # not measured
+    assert compiled.decide(True, cpu, bf16, 1) == (True, None)
+    assert compiled.decide("off", cpu, bf16, 10**6) == (False, None)
+    on_fp32 = compiled.decide("on", cpu, None, 1)
+    assert on_fp32[0] is False and "float32 on CPU" in on_fp32[1]
+    with pytest.raises(ValueError, match="on, off or auto"):
+        compiled.decide("fast", cpu, bf16, 1)

@@ -257,7 +257,7 @@ def _set_torch_threads(n: Optional[int]) -> None:
 def _predict_tile(slide_index: int, tile_id: int, path: str, mpp: Optional[float],
                   centers_um: np.ndarray, indices: np.ndarray, model_path: str, device: str,
                   precision: str, batch_size: int, torch_threads: Optional[int],
-                  compile: bool = False) -> TileResult:
+                  compile: bool | str = False, slide_spots: Optional[int] = None) -> TileResult:
     """The dask task: predict one tile of spots of one slide."""
     from .inference import predict
     from .progress import run_to_end
@@ -268,7 +268,8 @@ def _predict_tile(slide_index: int, tile_id: int, path: str, mpp: Optional[float
     model, card = _worker_model(model_path, device)
     slide = _worker_slide(path, mpp)
     pred = run_to_end(predict(slide, centers_um, model, card, device=device,
-                              batch_size=batch_size, precision=precision, compile=compile))
+                              batch_size=batch_size, precision=precision, compile=compile,
+                              job_spots=slide_spots))
     if not pred.complete:
         raise RuntimeError(f"tile {tile_id} of {path}: only {pred.n_done}/{len(indices)} spots predicted")
     info = {k: pred.info.get(k) for k in ("device", "precision", "batch_size", "compiled")}
@@ -470,7 +471,7 @@ def batch_predict(
     progress: bool = True,
     dashboard_address: str = ":8787",
     echo=print,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> BatchSummary:
     """Predict every slide of ``slides`` into ``out_dir/<name>.h5ad`` on a dask cluster.
 
@@ -480,8 +481,9 @@ def batch_predict(
     address of a running scheduler. ``torch_threads``: intra-op threads of torch in each
     worker; by default the cores divided by ``workers * threads_per_worker`` for the local
     cluster, and the workers' own setting (dask sets OMP_NUM_THREADS=1) otherwise.
-    ``compile``: each worker compiles its model once (``inference.predict(compile=True)``),
-    which pays on cohorts of many thousand spots per worker.
+    ``compile``: on/off/auto as in ``inference.predict``; "auto" compiles for slides of
+    ``compiled.AUTO_MIN_SPOTS`` or more spots (each worker compiles its model once). Not
+    part of the resume key: compiled and eager outputs differ only by rounding.
     Raises ``M2ORTError`` for problems with the options (nothing runs); problems with one
     slide are reported in the returned summary.
     """
@@ -524,8 +526,6 @@ def batch_predict(
     settings = {"format": _BATCH_FORMAT, "mpp": mpp, "region": region_s, "tissue": bool(tissue),
                 "layout": layout, "pitch": pitch, "diameter": diameter, "precision": precision,
                 "weights": _weights_id(model_file), "genes": card.genes}
-    if compile:  # only when on, so outputs written before this option existed stay complete
-        settings["compile"] = True
     spot_args = argparse.Namespace(region=region_s, layout=layout, pitch=pitch,
                                    diameter=diameter, tissue=tissue)
 
@@ -573,7 +573,7 @@ def batch_predict(
             summary.tiles, summary.workers = _run_jobs(
                 client, todo, card, model_file, spot_args, mpp, device, precision,
                 int(batch_size), int(tile_spots), int(retries), torch_threads, progress,
-                compile=bool(compile),
+                compile=compile,
             )
         finally:
             if own:
@@ -664,7 +664,7 @@ def _run_jobs(client, todo, card, model_file, spot_args, mpp, device, precision,
         for t, idx in enumerate(job.tiles):
             fut = client.submit(
                 _predict_tile, job.index, t, path, mpp, spots.centers_um[idx], idx,
-                str(model_file), device, precision, batch_size, torch_threads, compile,
+                str(model_file), device, precision, batch_size, torch_threads, compile, n,
                 key=f"m2ort-tile-{token}-{job.index}-{t}", retries=retries,
                 priority=-job.index,  # earlier slides first: outputs appear in order
             )

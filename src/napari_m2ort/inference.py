@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .compiled import compiled_forward
+from .compiled import compiled_forward, decide
 from .devices import resolve_device, resolve_precision
 from .errors import M2ORTError
 from .patches import model_inputs, sample_spots, spatial_order
@@ -54,12 +54,15 @@ def predict(
     precision: str = "auto",
     should_stop: Optional[Callable[[], bool]] = None,
     prefetch: int = 2,
-    compile: bool = False,
+    compile: bool | str = False,
+    job_spots: Optional[int] = None,
 ) -> Job[Prediction]:
-    """``compile=True`` runs the model through ``torch.compile`` (see ``compiled``): about
-    20 s once per model and settings, then ~1.3x faster than eager bf16 on an AVX512-BF16
-    CPU; worth it for large jobs only. Skipped for float32 on CPU (slower there) and
-    falls back to eager, with a warning, where compiling fails."""
+    """``compile=True`` runs the model through ``torch.compile`` (see ``compiled``): 17-39 s
+    once per model and settings, then ~1.3x faster than eager bf16 on an AVX512-BF16 CPU;
+    worth it for large jobs only, which is what ``"auto"`` picks. Skipped for float32 on
+    CPU (no faster there); falls back to eager, with a warning, where compiling fails.
+    ``job_spots``: the size of the whole job this call is one part of (a dask tile of a
+    slide), for ``"auto"``; default: these spots."""
     centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
     n, genes = len(centers_um), list(card.genes)
     if n == 0:
@@ -78,14 +81,9 @@ def predict(
     done = np.zeros(n, dtype=bool)
     outside = np.zeros(n, dtype=bool)
     blank = np.zeros(n, dtype=bool)
-    if compile and dev.type == "cpu" and amp is None:
-        warnings.warn(
-            "torch.compile is skipped for float32 on CPU: there the eager path (oneDNN "
-            "linears, fused attention) is faster (compiled measured 0.86x). It pays with "
-            "bf16 (--precision bf16 or auto on an AVX512-BF16 CPU).",
-            stacklevel=2,
-        )
-        compile = False
+    compile, why_not = decide(compile, dev, amp, n if job_spots is None else job_spots)
+    if why_not:
+        warnings.warn(why_not, stacklevel=2)
     forwards: dict[int, tuple[Callable, bool]] = {}
 
     def forward_for(bs: int) -> Callable:
