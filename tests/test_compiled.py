@@ -36,15 +36,20 @@ def _centers():
     return layout_spots((4400, 2200, 5000, 2600), "visium").centers_um
 
 
-def _run(slide, model, card, **kw):
-    return run_to_end(predict(slide, _centers(), model, card, device="cpu", batch_size=8, **kw))
+def _run(slide, model, card, on=None, **kw):
+    return run_to_end(predict(slide, _centers(), model, card, device="cpu", batch_size=8, **kw), on)
 
 
 def test_compiled_bf16_matches_fp32_and_is_deterministic(slide, tiny):
     model, card = tiny
     ref = _run(slide, model, card, precision="fp32")
-    a = _run(slide, model, card, precision="bf16", compile=True)
-    b = _run(slide, model, card, precision="bf16", compile=True)  # reuses the compiled code
+    said = {"a": [], "b": []}
+    a = _run(slide, model, card, precision="bf16", compile=True, on=lambda e: said["a"].append(e.message))
+    b = _run(slide, model, card, precision="bf16", compile=True,  # reuses the compiled code
+             on=lambda e: said["b"].append(e.message))
+    # the user is told about the wait on the first run only
+    assert any("compiling the model" in m for m in said["a"])
+    assert not any("compiling the model" in m for m in said["b"])
     assert len(_centers()) % 8 != 0
     assert a.complete and a.info["compiled"] is HAS_CXX
     rel = np.linalg.norm(a.values - ref.values) / np.linalg.norm(ref.values)

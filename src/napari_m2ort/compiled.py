@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["compiled_forward", "clear_cache", "decide", "AUTO_MIN_SPOTS"]
+__all__ = ["compiled_forward", "is_compiled", "needs_compiling", "clear_cache", "decide", "AUTO_MIN_SPOTS"]
 
 # ``compile="auto"`` compiles CPU bf16 jobs of at least this many spots: the compile
 # (17-39 s) is won back after ~3,000-8,000 spots at the measured 57.7 -> 79.5 spots/s.
@@ -47,8 +47,8 @@ _lock = threading.Lock()
 
 def compiled_forward(
     model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int
-) -> tuple[Forward, bool]:
-    """A forward for (B <= batch_size) inputs, and whether it is compiled.
+) -> Forward:
+    """A forward for (B <= batch_size) inputs; ``is_compiled`` says whether it still is.
 
     Call it under ``torch.inference_mode()`` and the same autocast state every time (that
     is what it was compiled for; another state compiles again). The model must already be
@@ -60,8 +60,8 @@ def compiled_forward(
             "predicting without it.",
             stacklevel=3,
         )
-        return model, False
-    key = (device.type, str(amp), int(batch_size))
+        return model
+    key = _key(device, amp, batch_size)
     state = _weights_state(model)
     with _lock:
         per_model = model.__dict__.setdefault(_ATTR, {})
@@ -73,8 +73,24 @@ def compiled_forward(
                 per_model.clear()
                 torch._dynamo.reset()
             entry = per_model[key] = {"state": state, "fn": _Padded(model, batch_size)}
-    fn = entry["fn"]
-    return fn, not fn.failed
+    return entry["fn"]
+
+
+def is_compiled(fn: Forward) -> bool:
+    """True for a compiled forward that has not fallen back to eager."""
+    return isinstance(fn, _Padded) and not fn.failed
+
+
+def needs_compiling(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None,
+                    batch_size: int) -> bool:
+    """Whether the next compiled forward for these settings starts with a compile (to tell
+    the user why the first batch waits)."""
+    entry = model.__dict__.get(_ATTR, {}).get(_key(device, amp, batch_size))
+    return entry is None or not entry["fn"].ran or entry["state"] != _weights_state(model)
+
+
+def _key(device: torch.device, amp: torch.dtype | None, batch_size: int) -> tuple:
+    return device.type, str(amp), int(batch_size)
 
 
 def decide(mode, device: torch.device, amp: torch.dtype | None, n_spots: int) -> tuple[bool, str | None]:
@@ -119,16 +135,15 @@ class _Padded:
         self.model = model
         self.batch_size = batch_size
         self.failed = False
+        self.ran = False  # compiled code exists once a call has gone through
         self._compiled = torch.compile(model, dynamic=False)
 
     def __call__(self, l1: torch.Tensor, l2: torch.Tensor, l3: torch.Tensor) -> torch.Tensor:
         if self.failed:
             return self.model(l1, l2, l3)
         n = l1.shape[0]
-        if n > self.batch_size:  # not expected from the engine; stay correct anyway
-            return torch.cat([self(l1[i : i + self.batch_size], l2[i : i + self.batch_size],
-                                   l3[i : i + self.batch_size])
-                              for i in range(0, n, self.batch_size)])
+        if n > self.batch_size:
+            raise ValueError(f"compiled for batches of up to {self.batch_size} spots, got {n}")
         padded = [_pad(x, self.batch_size) for x in (l1, l2, l3)]
         try:
             # Freezing is read whenever dynamo compiles: on the first call, and again after
@@ -144,6 +159,7 @@ class _Padded:
                 stacklevel=3,
             )
             return self.model(l1, l2, l3)
+        self.ran = True
         return out[:n]
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .compiled import compiled_forward, decide
+from .compiled import compiled_forward, decide, is_compiled, needs_compiling
 from .devices import resolve_device, resolve_precision
 from .errors import M2ORTError
 from .patches import model_inputs, sample_spots, spatial_order
@@ -84,7 +84,7 @@ def predict(
     compile, why_not = decide(compile, dev, amp, n if job_spots is None else job_spots)
     if why_not:
         warnings.warn(why_not, stacklevel=2)
-    forwards: dict[int, tuple[Callable, bool]] = {}
+    forwards: dict[int, Callable] = {}
 
     def forward_for(bs: int) -> Callable:
         """The model, or its compiled forward for batch size ``bs`` (built on first use)."""
@@ -92,13 +92,14 @@ def predict(
             return model
         if bs not in forwards:
             forwards[bs] = compiled_forward(model, dev, amp, bs)
-        return forwards[bs][0]
+        return forwards[bs]
 
     order = spatial_order(centers_um)
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     t0 = time.perf_counter()
+    first_compile = compile and needs_compiling(model, dev, amp, batch_size)
     yield Progress("predict", 0, n, f"{n} spots on {dev.type}"
-                   + (" (compiling the model first: 20-40 s once)" if compile else ""))
+                   + (" (compiling the model first: 20-40 s, once)" if first_compile else ""))
 
     def load(idx):
         return idx, sample_spots(slide, centers_um[idx], card.mpp)
@@ -147,7 +148,7 @@ def predict(
 
 def _compiled_throughout(forwards: dict) -> bool:
     """Whether every batch ran compiled (False if compiling was off, or fell back)."""
-    return bool(forwards) and all(ok and not getattr(f, "failed", False) for f, ok in forwards.values())
+    return bool(forwards) and all(is_compiled(f) for f in forwards.values())
 
 
 def _forward_adaptive(forward_for, level1, dev, amp, batch_size):
