@@ -1,0 +1,43 @@
+"""Measured-vs-predicted comparison by nearest spot (no Qt)."""
+
+import numpy as np
+import pytest
+
+from napari_m2ort.compare import MIN_PAIRS, Comparison, compare_gene, nearest_pairs
+
+
+def test_nearest_pairs_respects_distance():
+    pred = np.array([[0.0, 0.0], [100.0, 0.0], [200.0, 0.0]])
+    meas = np.array([[10.0, 0.0], [190.0, 5.0], [1000.0, 0.0]])
+    mi, pj = nearest_pairs(pred, meas, max_dist_um=50.0)
+    assert list(mi) == [0, 1] and list(pj) == [0, 2]
+    mi, pj = nearest_pairs(np.zeros((0, 2)), meas, 50.0)
+    assert len(mi) == len(pj) == 0
+
+
+def test_compare_gene_matches_pearson_on_pairs():
+    rng = np.random.default_rng(0)
+    pred_xy = np.stack(np.meshgrid(np.arange(10) * 100.0, np.arange(10) * 100.0), -1).reshape(-1, 2)
+    pred_v = rng.normal(size=len(pred_xy))
+    # measured spots jittered around every second predicted spot, values correlated
+    take = np.arange(0, len(pred_xy), 2)
+    meas_xy = pred_xy[take] + rng.uniform(-20, 20, size=(len(take), 2))
+    meas_v = pred_v[take] * 2.0 + rng.normal(scale=0.1, size=len(take))
+    cmp = compare_gene("ERBB2", pred_xy, pred_v, meas_xy, meas_v, max_dist_um=100.0)
+    assert cmp.n_pairs == len(take)
+    assert cmp.r == pytest.approx(np.corrcoef(pred_v[take], meas_v)[0, 1], abs=1e-9)
+    assert cmp.ok and "PCC predicted vs measured" in cmp.sentence("measured")
+
+
+def test_compare_gene_too_few_or_constant():
+    pred_xy = np.array([[0.0, 0.0], [100.0, 0.0]])
+    cmp = compare_gene("G", pred_xy, [1.0, 2.0], pred_xy, [3.0, 4.0], max_dist_um=10.0)
+    assert cmp.n_pairs == 2 < MIN_PAIRS and cmp.r is None and not cmp.ok
+    assert "too few predicted spots" in cmp.sentence("m") and "(2)" in cmp.sentence("m")
+    xy = np.array([[0.0, 0.0], [100.0, 0.0], [200.0, 0.0]])
+    cmp = compare_gene("G", xy, [1.0, 2.0, 3.0], xy, [5.0, 5.0, 5.0], max_dist_um=10.0)
+    assert cmp.n_pairs == 3 and cmp.r is None and not cmp.ok
+
+
+def test_comparison_is_a_value():
+    assert Comparison("G", 0.5, 10) == Comparison("G", 0.5, 10)
