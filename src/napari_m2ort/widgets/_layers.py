@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..errors import M2ORTError
+from ..io.slides.layer import LayerSlide  # noqa: F401
 
 PREDICTIONS_NAME = "M2ORT predictions"
 REGIONS_NAME = "M2ORT regions"
@@ -93,88 +92,7 @@ def geometry(layer, mpp: float) -> Geometry:
 
 # ------------------------------------------------------------------ slide adapter
 
-class LayerSlide:
-    """The Slide contract over an Image layer's data (single or multiscale, RGB or grey)."""
-
-    def __init__(self, layer, mpp: float, mpp_source: str = "user"):
-        data = layer.data
-        levels = list(data) if getattr(layer, "multiscale", False) else [data]
-        self._levels = [self._as_rgb_level(a, layer) for a in levels]
-        self.mpp = float(mpp)
-        self.mpp_source = mpp_source
-        self.name = str(layer.name)
-        path = (getattr(layer, "metadata", {}) or {}).get("path") or getattr(getattr(layer, "source", None), "path", None)
-        self.path = Path(path) if path else Path(f"<layer {self.name}>")
-        h0 = self._levels[0].shape[0]
-        self.downsamples = [float(h0) / float(a.shape[0]) for a in self._levels]
-
-    @staticmethod
-    def _as_rgb_level(arr, layer):
-        shape = arr.shape
-        if getattr(layer, "rgb", False) or (len(shape) >= 3 and shape[-1] in (3, 4)):
-            if len(shape) != 3:
-                raise M2ORTError(
-                    f"Layer {layer.name!r} has shape {shape}: prediction needs a 2D RGB image (H, W, 3)."
-                )
-        elif len(shape) != 2:
-            raise M2ORTError(
-                f"Layer {layer.name!r} has shape {shape}: prediction needs a 2D H&E image."
-            )
-        return arr
-
-    @property
-    def levels(self):
-        return self._levels
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(int(v) for v in self._levels[0].shape[:2])
-
-    @property
-    def size_um(self) -> tuple[float, float]:
-        h, w = self.shape
-        return h * self.mpp, w * self.mpp
-
-    def _to_uint8_rgb(self, block) -> np.ndarray:
-        block = np.asarray(block)
-        if block.ndim == 2:
-            block = np.repeat(block[..., None], 3, axis=-1)
-        block = block[..., :3]
-        if block.dtype != np.uint8:
-            b = block.astype(np.float32)
-            hi = float(np.nanmax(b)) if b.size else 1.0
-            b = b * (255.0 / hi) if hi > 1.0 else b * 255.0
-            block = np.clip(np.round(b), 0, 255).astype(np.uint8)
-        return block
-
-    def read_region(self, x0: int, y0: int, width: int, height: int, level: int = 0) -> np.ndarray:
-        arr = self._levels[level]
-        lh, lw = arr.shape[:2]
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
-        xa, ya = max(0, x0), max(0, y0)
-        xb, yb = min(lw, x0 + width), min(lh, y0 + height)
-        if xb > xa and yb > ya:
-            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._to_uint8_rgb(arr[ya:yb, xa:xb])
-        return out
-
-    def best_level(self, downsample: float) -> int:
-        best = 0
-        for i, d in enumerate(self.downsamples):
-            if d <= downsample * (1 + 1e-6):
-                best = i
-        return best
-
-    def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
-        h, w = self.shape
-        want = max(h, w) / float(max_px)
-        level = self.best_level(max(1.0, want))
-        arr = self._levels[level]
-        step = max(1, int(np.ceil(max(arr.shape[:2]) / float(max_px))))
-        thumb = self._to_uint8_rgb(np.asarray(arr[::step, ::step]))
-        return thumb, self.downsamples[level] * step
-
-    def close(self) -> None:
-        pass
+# LayerSlide lives in the core (io/slides/layer.py); re-exported here for the widgets.
 
 
 # ------------------------------------------------------------------ points layers
