@@ -1,0 +1,173 @@
+"""What a front door asks the use-case layer for, as typed records.
+
+The CLI fills these from its arguments, the widgets from their controls, the cohort
+runner from its options; none of them needs to know how the request is carried out.
+Units: regions, pitch, diameter and smoothing in µm of the slide's level-0 frame.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..inference import Prediction
+    from ..model.weights import ModelCard
+    from ..spots import RegionLike, SpotLayout, TissueMask
+    from ..training import TrainConfig
+
+#: "bundled", a .safetensors path, a timm variant name ("m2ort_small", or a CNN baseline
+#: for training), or an in-memory ``(model, card)`` pair. See ``resolve_model``.
+ModelSpec = Union[str, "os.PathLike[str]", "tuple[nn.Module, ModelCard]"]
+
+
+def _default_train_config():
+    from ..training import TrainConfig
+
+    return TrainConfig()
+
+
+@dataclass
+class PredictRequest:
+    """Predict expression at the spots of a layout over (regions of) one slide.
+
+    ``slide``: an open slide (anything with the slide contract: ``mpp``, ``size_um``,
+    ``read_region``...) or the path of a slide file (opened with ``mpp``, which is then
+    the pixel size for files that lack one). ``regions``: rectangles ``(x0, y0, x1, y1)``
+    or polygons (``spots.Region``) in µm; ``None`` is the whole slide. ``tissue_only``
+    keeps the spots on tissue (``tissue_mask`` reuses a mask computed earlier for this
+    slide). ``skip_ids``: spot ids already predicted, left out (a second, overlapping
+    region adds only the new spots). ``tta`` / ``smooth_um`` are passed to
+    ``inference.predict``.
+    """
+
+    slide: Any
+    model: ModelSpec = "bundled"
+    regions: Optional[Sequence[RegionLike]] = None
+    layout: str = "visium"
+    pitch_um: Optional[float] = None
+    diameter_um: Optional[float] = None
+    tissue_only: bool = False
+    mpp: Optional[float] = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    compile: Union[bool, str] = "auto"
+    tta: str = "none"
+    smooth_um: float = 0.0
+    skip_ids: Collection[str] = ()
+    tissue_mask: Optional[TissueMask] = None
+
+
+@dataclass
+class PredictionPlan:
+    """A prediction ready to run: the model, the open slide and the spots to predict.
+
+    ``n_candidates``: spots of the layout before ``skip_ids`` were removed;
+    ``tissue_mask``: the mask used (worth keeping for the next request on this slide).
+    """
+
+    slide: Any
+    model: nn.Module
+    card: ModelCard
+    spots: SpotLayout
+    n_candidates: int
+    tissue_mask: Optional[TissueMask] = None
+    opened: bool = False  # the plan opened the slide itself (from a path)
+
+    def without(self, ids: Collection[str]) -> PredictionPlan:
+        """The same plan without the spots whose id is in ``ids``."""
+        import dataclasses
+
+        import numpy as np
+
+        if not ids:
+            return self
+        ids = {str(i) for i in ids}
+        keep = np.array([str(i) not in ids for i in self.spots.ids], dtype=bool)
+        return dataclasses.replace(self, spots=self.spots.subset(keep))
+
+    @property
+    def n_skipped(self) -> int:
+        return self.n_candidates - len(self.spots)
+
+
+@dataclass
+class SlidePrediction:
+    """The result of ``predict_slide``: the prediction with everything needed to use it.
+
+    ``prediction`` is None when every spot was skipped (nothing left to predict)."""
+
+    prediction: Optional[Prediction]
+    spots: SpotLayout
+    card: ModelCard
+    slide: Any
+    n_candidates: int
+    tissue_mask: Optional[TissueMask] = None
+
+    @property
+    def n_skipped(self) -> int:
+        return self.n_candidates - len(self.spots)
+
+    def to_anndata(self):
+        """AnnData of the predicted spots (``io.export.prediction_to_anndata``)."""
+        from ..io.export import prediction_to_anndata
+
+        if self.prediction is None:
+            from ..errors import M2ORTError
+
+            raise M2ORTError("Nothing was predicted: every spot of the region was predicted before.")
+        return prediction_to_anndata(self.prediction, self.card, self.slide, self.spots)
+
+
+@dataclass
+class FineTuneRequest:
+    """Train a model (new, or starting from trained weights) on measured ST sections.
+
+    ``sections``: ``io.st.STSection`` objects. ``model``: a trained model to fine-tune
+    ("bundled", a checkpoint, an in-memory pair) or a variant name for a new one.
+    ``genes``: "model" (keep the model's panel; "top:250" for a new model), "top:N" (the
+    data's top N genes by the panel rule), a file with one gene per line, or a comma
+    separated list. ``val``: "blocks" (held-out spatial blocks of every section), "none",
+    or the name(s) of held-out section(s). ``out_path``: where the best checkpoint goes
+    (None: kept in memory only; CNN baselines are never saved). ``train_mpp``: the µm/px
+    the model works at (default: the model's, or 0.69 for a new model).
+    """
+
+    sections: Sequence[Any]
+    model: ModelSpec = "bundled"
+    genes: str = "model"
+    val: str = "blocks"
+    config: TrainConfig = field(default_factory=_default_train_config)
+    out_path: Optional[Path] = None
+    train_mpp: Optional[float] = None
+    tied_kv: bool = False
+    cache_dir: Optional[Path] = None
+
+
+@dataclass
+class EvaluateRequest:
+    """Held-out metrics of a trained model on measured ST sections (genes of the model's
+    panel missing from the data are reported, not fatal)."""
+
+    sections: Sequence[Any]
+    model: ModelSpec = "bundled"
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 64
+    cache_dir: Optional[Path] = None
+
+
+__all__ = [
+    "EvaluateRequest",
+    "FineTuneRequest",
+    "ModelSpec",
+    "PredictRequest",
+    "PredictionPlan",
+    "SlidePrediction",
+]
