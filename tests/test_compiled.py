@@ -45,8 +45,14 @@ def test_compiled_bf16_matches_fp32_and_is_deterministic(slide, tiny):
     ref = _run(slide, model, card, precision="fp32")
     said = {"a": [], "b": []}
     a = _run(slide, model, card, precision="bf16", compile=True, on=lambda e: said["a"].append(e.message))
-    b = _run(slide, model, card, precision="bf16", compile=True,  # reuses the compiled code
-             on=lambda e: said["b"].append(e.message))
+    b = _run(
+        slide,
+        model,
+        card,
+        precision="bf16",
+        compile=True,  # reuses the compiled code
+        on=lambda e: said["b"].append(e.message),
+    )
     # the user is told about the wait on the first run only
     assert any("compiling the model" in m for m in said["a"])
     assert not any("compiling the model" in m for m in said["b"])
@@ -61,8 +67,9 @@ def test_compiled_bf16_matches_fp32_and_is_deterministic(slide, tiny):
     assert big.info["compiled"] is HAS_CXX and alone.info["compiled"] is False
     assert np.array_equal(big.values, a.values)
     # the same spots in a short, padded batch of their own get the same values
-    one = run_to_end(predict(slide, _centers()[:3], model, card, device="cpu", batch_size=8,
-                             precision="bf16", compile=True))
+    one = run_to_end(
+        predict(slide, _centers()[:3], model, card, device="cpu", batch_size=8, precision="bf16", compile=True)
+    )
     np.testing.assert_allclose(one.values, a.values[:3], atol=2e-2)
 
 
@@ -83,6 +90,7 @@ def test_compile_failure_falls_back_to_eager(slide, tiny, monkeypatch):
     def broken(module, **kw):
         def fn(*a, **k):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
         return fn
 
     monkeypatch.setattr(compiled.torch, "compile", broken)

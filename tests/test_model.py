@@ -5,13 +5,14 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import timm
 import torch
 
-import napari_m2ort  # noqa: F401  (registers the variants; must precede timm)
-import timm
+import napari_m2ort  # noqa: F401  (registers the variants with timm)
 from napari_m2ort.errors import M2ORTError
+from napari_m2ort.model import _cpu_ops
 from napari_m2ort.model import m2ort as m2ort_mod
-from napari_m2ort.model.m2ort import M2ORT, VARIANTS, flops_per_spot, reference_attention
+from napari_m2ort.model.m2ort import ITMM, M2ORT, VARIANTS, flops_per_spot
 
 SPEC_PARAMS = {"m2ort_small": 7_620_874, "m2ort_base": 17_137_946, "m2ort_large": 55_485_754}
 
@@ -201,6 +202,15 @@ def explicit_itmm(attn, x):
     return torch.cat(heads, dim=-1) @ attn.proj.weight.T + attn.proj.bias
 
 
+def reference_attention(attn: ITMM, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    """ITMM written out (matmul, softmax, matmul) on the model's own q/k/v projections."""
+    q, k, v = attn.qkv(x, num_queries)
+    w = (q @ k.transpose(-2, -1)) * attn.scale
+    out = w.softmax(dim=-1) @ v
+    b, h, n, d = out.shape
+    return attn.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_sdpa_matches_explicit_attention(tied):
     torch.manual_seed(0)
@@ -254,7 +264,7 @@ def test_cpu_fast_path_matches_plain_linear(monkeypatch, bf16):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with torch.inference_mode(), ctx:
         fast = model(*x)
-        monkeypatch.setattr(m2ort_mod, "USE_ONEDNN", False)
+        monkeypatch.setattr(_cpu_ops, "USE_ONEDNN", False)
         plain = model(*x)
     if bf16:
         assert ((fast - plain).norm() / plain.norm()) < 1e-2
@@ -266,12 +276,12 @@ def test_cpu_fast_path_matches_plain_linear(monkeypatch, bf16):
 def test_cpu_fast_path_is_taken(monkeypatch, bf16):
     """The oneDNN path must not silently fall back (its probe once failed under autocast)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    if not m2ort_mod._probe_onednn(dtype):
+    if not _cpu_ops.probe_onednn(dtype):
         pytest.skip(f"oneDNN {dtype} linear not usable on this machine")
-    monkeypatch.setattr(m2ort_mod, "_onednn_ok", {})  # probe again, lazily, inside forward
+    monkeypatch.setattr(_cpu_ops, "_onednn_ok", {})  # probe again, lazily, inside forward
     calls = []
-    real = m2ort_mod._onednn_linear
-    monkeypatch.setattr(m2ort_mod, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    real = _cpu_ops.onednn_linear
+    monkeypatch.setattr(_cpu_ops, "onednn_linear", lambda *a: calls.append(1) or real(*a))
     model = tiny().eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model(*inputs(1))

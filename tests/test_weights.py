@@ -6,11 +6,11 @@ import json
 import struct
 
 import pytest
-import torch
-
-import napari_m2ort  # noqa: F401  (must precede timm)
 import safetensors.torch
 import timm
+import torch
+
+import napari_m2ort  # noqa: F401  (registers the variants with timm)
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.model import weights
 from napari_m2ort.model.weights import (
@@ -19,6 +19,7 @@ from napari_m2ort.model.weights import (
     load_bundled,
     load_checkpoint,
     read_card,
+    read_digest,
     replace_head,
     save_checkpoint,
 )
@@ -106,9 +107,7 @@ def test_check_genes():
 def test_round_trip_identical_outputs(model, saved):
     loaded, card = load_checkpoint(saved)
     ref = make_card()
-    assert (card.genes, card.mpp, card.metrics, card.target_mean) == (
-        ref.genes, ref.mpp, ref.metrics, ref.target_mean
-    )
+    assert (card.genes, card.mpp, card.metrics, card.target_mean) == (ref.genes, ref.mpp, ref.metrics, ref.target_mean)
     assert not loaded.training
     x = inputs()
     with torch.inference_mode():
@@ -122,6 +121,14 @@ def test_file_is_plain_safetensors_with_card(saved):
     header = json.loads(raw[8 : 8 + n])
     card = json.loads(header["__metadata__"]["napari_m2ort.card"])
     assert card["variant"] == "m2ort_small" and len(card["genes"]) == N_GENES
+
+
+def test_read_digest_identifies_the_weights(model, saved, tmp_path):
+    digest = read_digest(saved)
+    assert len(digest) == 64 and digest == read_digest(save_checkpoint(model, make_card(), tmp_path / "b.safetensors"))
+    assert read_digest(write_raw(tmp_path / "bare.safetensors", model.state_dict(), None)) is None
+    with pytest.raises(M2ORTError, match="no such checkpoint"):
+        read_digest(tmp_path / "absent.safetensors")
 
 
 def test_fp16_shipping_round_trip(model, tmp_path):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -45,9 +45,7 @@ _ATTR = "_napari_m2ort_compiled"
 _lock = threading.Lock()
 
 
-def compiled_forward(
-    model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int
-) -> Forward:
+def compiled_forward(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int) -> Forward:
     """A forward for (B <= batch_size) inputs; ``is_compiled`` says whether it still is.
 
     Call it under ``torch.inference_mode()`` and the same autocast state every time (that
@@ -56,8 +54,7 @@ def compiled_forward(
     """
     if device.type not in ("cpu", "cuda"):
         warnings.warn(
-            f"torch.compile is not used on {device.type}: only CPU and CUDA are supported; "
-            "predicting without it.",
+            f"torch.compile is not used on {device.type}: only CPU and CUDA are supported; predicting without it.",
             stacklevel=3,
         )
         return model
@@ -81,8 +78,7 @@ def is_compiled(fn: Forward) -> bool:
     return isinstance(fn, _Padded) and not fn.failed
 
 
-def needs_compiling(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None,
-                    batch_size: int) -> bool:
+def needs_compiling(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, batch_size: int) -> bool:
     """Whether the next compiled forward for these settings starts with a compile (to tell
     the user why the first batch waits)."""
     entry = model.__dict__.get(_ATTR, {}).get(_key(device, amp, batch_size))

@@ -48,8 +48,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         if device.type == "mps":
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
-    table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": None,
+        "float32": None,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if p not in table:
         raise M2ORTError(f"Unknown precision {precision!r}: use auto, fp32, bf16 or fp16.")
     return table[p]

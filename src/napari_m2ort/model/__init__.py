@@ -8,6 +8,7 @@ from .weights import (
     load_bundled,
     load_checkpoint,
     read_card,
+    read_digest,
     replace_head,
     save_checkpoint,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "load_bundled",
     "load_checkpoint",
     "read_card",
+    "read_digest",
     "replace_head",
     "save_checkpoint",
 ]

@@ -12,6 +12,10 @@ spec's parameter counts (S 7,620,874 / B 17,137,946 / L 55,485,754 with G = 250)
 The variants are registered with timm, so ``timm.create_model("m2ort_small",
 num_classes=G)`` is the single entry point. There are no hub weights: trained weights
 travel as safetensors files with a model card (``model/weights.py``).
+
+The file is laid out like timm's ``vision_transformer.py``: blocks, the model, pretrained
+configs, ``_create_m2ort``, and the registered entrypoints. The CPU inference kernels that
+the blocks call instead of ``nn.Linear`` and SDPA live in ``_cpu_ops.py``.
 """
 
 from __future__ import annotations
@@ -20,16 +24,25 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from timm.models import _registry as _timm_registry
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import _registry as _timm_registry
-
 from ..errors import M2ORTError
+from ._cpu_ops import attention, autocast_on, linear
 
-__all__ = ["M2ORT", "LevelEmbedding", "LDPE", "ITMM", "ICMM", "Block", "flops_per_spot", "executed_flops_per_spot", "VARIANTS"]
+__all__ = [
+    "M2ORT",
+    "LevelEmbedding",
+    "LDPE",
+    "ITMM",
+    "ICMM",
+    "Block",
+    "flops_per_spot",
+    "executed_flops_per_spot",
+    "VARIANTS",
+]
 
 GRID = 14  # tokens per side at every level
 NUM_PATCHES = GRID * GRID
@@ -37,113 +50,8 @@ HEAD_DIM = 64
 LEVEL_SIZES = (224, 112, 56)
 LEVEL_PATCHES = (16, 8, 4)
 
-# depth, embed_dim, num_heads, mlp_dim (spec table; heads * 64 = D, M = 2D/3)
-VARIANTS: dict[str, dict[str, int]] = {
-    "m2ort_small": dict(depth=6, embed_dim=576, num_heads=9, mlp_dim=384),
-    "m2ort_base": dict(depth=8, embed_dim=768, num_heads=12, mlp_dim=512),
-    "m2ort_large": dict(depth=12, embed_dim=1152, num_heads=18, mlp_dim=768),
-}
 
-
-# -- CPU inference fast path ----------------------------------------------------------------
-USE_ONEDNN = True  # False forces plain F.linear everywhere (benchmarks, debugging)
-_onednn_ok: dict[torch.dtype, bool] = {}  # probed once per dtype, on first use
-
-
-def linear(
-    x: torch.Tensor, layer: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``layer(x)`` (then exact GELU, or plus ``residual``); on CPU inference one fused call.
-
-    PyTorch runs CPU ``nn.Linear`` as ``addmm``: the bias is first copied into the output
-    in a separate pass, GELU is another pass, and float32 goes to MKL, which on the AMD
-    EPYC we measured was ~20 % slower than oneDNN on the same GEMMs. oneDNN (the library
-    behind PyTorch's bf16 matmuls and torch.compile's CPU linears) fuses bias and GELU
-    into the GEMM, and the residual add too. Under CPU bf16 autocast the same call runs on
-    bf16 copies of input and weights, exactly what autocast would do, minus the extra
-    passes (the residual is added outside, so the residual stream stays float32).
-
-    Used only where autograd is off, on CPU, for float32 (no autocast) or bf16 autocast,
-    outside torch.compile, and after a one-time self-check against ``F.linear``; anything
-    else (training, GPUs, float16) takes the ordinary path. ``USE_ONEDNN = False`` turns
-    it off.
-    """
-    w = layer.weight
-    if (
-        USE_ONEDNN
-        and x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        and not _compiling()  # the ops have no fake-tensor kernels; inductor fuses anyway
-    ):
-        b = layer.bias
-        if not _autocast_on("cpu"):
-            if x.dtype == w.dtype == torch.float32 and _onednn_available(torch.float32):
-                if _fusable(residual, x, w) and not gelu:
-                    return _onednn_linear(x, w, b, gelu, residual)
-                return _plus(_onednn_linear(x, w, b, gelu), residual)
-        elif _cpu_autocast_dtype() == torch.bfloat16 and _onednn_available(torch.bfloat16):
-            bf = torch.bfloat16
-            y = _onednn_linear(x.to(bf), w.to(bf), None if b is None else b.to(bf), gelu)
-            return _plus(y, residual)
-    y = F.linear(x, w, layer.bias)
-    return _plus(F.gelu(y) if gelu else y, residual)
-
-
-def _fusable(residual: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (
-        residual is not None
-        and residual.dtype == torch.float32
-        and residual.is_contiguous()
-        and residual.shape == (*x.shape[:-1], w.shape[0])
-    )
-
-
-def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return torch._dynamo.is_compiling()
-
-
-def _plus(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    return y if residual is None else residual + y
-
-
-def _onednn_linear(x, w, b, gelu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
-    if residual is not None:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
-    if gelu:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def _onednn_available(dtype: torch.dtype) -> bool:
-    if dtype not in _onednn_ok:
-        _onednn_ok[dtype] = _probe_onednn(dtype)
-    return _onednn_ok[dtype]
-
-
-def _probe_onednn(dtype: torch.dtype) -> bool:
-    """The op is internal to PyTorch: check it exists and agrees with F.linear."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 5, 24, generator=g)[..., 8:16].to(dtype)  # strided, as in ITMM
-        w, b = torch.randn(6, 8, generator=g).to(dtype), torch.randn(6, generator=g).to(dtype)
-        tol = 1e-5 if dtype == torch.float32 else 5e-2
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # may run under autocast
-            ref = F.linear(x.float(), w.float(), b.float())
-            ok = torch.allclose(_onednn_linear(x, w, b, True).float(), F.gelu(ref), atol=tol)
-            ok = ok and torch.allclose(_onednn_linear(x, w, None, False).float(), ref - b.float(), atol=tol)
-            if dtype == torch.float32:
-                res = torch.randn(2, 5, 6, generator=g)
-                ok = ok and torch.allclose(_onednn_linear(x, w, b, False, res), ref + res, atol=tol)
-        return bool(ok)
-    except Exception:  # missing op, unsupported CPU or dtype, changed signature
-        return False
-
-
+# -- blocks ----------------------------------------------------------------------------
 class LevelEmbedding(nn.Module):
     """Patch embedding for one magnification level.
 
@@ -233,9 +141,7 @@ class ITMM(nn.Module):
         self.proj = nn.Linear(inner, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def qkv(
-        self, x: torch.Tensor, num_queries: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, x: torch.Tensor, num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project the three groups; returns q, k, v as (B, heads, N, 64) views.
 
         ``num_queries``: project queries for the first tokens only (keys and values
@@ -247,9 +153,11 @@ class ITMM(nn.Module):
         k = linear(x[..., g : 2 * g], self.k)
         v = linear(x[..., 2 * g :], self.k if self.v is None else self.v)
         heads = (self.num_heads, self.head_dim)
-        return q.view(b, nq, *heads).transpose(1, 2), k.view(b, n, *heads).transpose(1, 2), v.view(
-            b, n, *heads
-        ).transpose(1, 2)
+        return (
+            q.view(b, nq, *heads).transpose(1, 2),
+            k.view(b, n, *heads).transpose(1, 2),
+            v.view(b, n, *heads).transpose(1, 2),
+        )
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, num_queries: int | None = None
@@ -258,12 +166,7 @@ class ITMM(nn.Module):
         added inside the output projection. With ``num_queries`` only the first tokens
         attend (to all), and the output has that many tokens."""
         q, k, v = self.qkv(x, num_queries)
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled():
-            x = _cpu_bf16_attention(q, k, v, self.scale)
-        else:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-            )
+        x = attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
         b, h, n, d = x.shape
         x = x.transpose(1, 2).reshape(b, n, h * d)  # a view: the CPU kernel writes (B, N, H, d)
         if residual is not None:
@@ -271,22 +174,11 @@ class ITMM(nn.Module):
         return self.proj_drop(linear(x, self.proj))
 
 
-def _cpu_bf16_attention(q, k, v, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v as two batched bf16 GEMMs (CPU inference only).
-
-    For 197 tokens and head dim 64, PyTorch's CPU flash-attention kernel is slower in bf16
-    than in float32 (measured 48 vs 34 ms at batch 16, one thread), while plain batched
-    bf16 matmuls take 30 ms. Softmax accumulates in float32 either way.
-    """
-    w = torch.matmul(q * scale, k.transpose(-2, -1))  # scale = 1/8: exact in bf16
-    return torch.matmul(w.softmax(dim=-1), v)
-
-
 class ICMM(nn.Module):
     """Inter-level channel mixing: LN'd tokens -> Linear(D->M) -> GELU -> Linear(M->D).
 
     timm's ``Mlp`` with the same parameter names (``fc1``, ``fc2``), written out so the
-    CPU inference path can fuse bias and GELU into the GEMM (see ``linear``).
+    CPU inference path can fuse bias and GELU into the GEMM (see ``_cpu_ops.linear``).
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, device=None, dtype=None):
@@ -354,6 +246,7 @@ class Block(nn.Module):
         return self.mlp(self.norm2(cls), residual=cls)
 
 
+# -- model -----------------------------------------------------------------------------
 class M2ORT(nn.Module):
     """Many-to-one regression transformer.
 
@@ -394,7 +287,7 @@ class M2ORT(nn.Module):
             raise ValueError(f"embed_dim must be divisible by 12, got {embed_dim}")
         if num_heads * HEAD_DIM != embed_dim:
             # Not required by the maths, but every published variant has heads * 64 = D.
-            warnings.warn(f"num_heads * 64 = {num_heads * HEAD_DIM} differs from embed_dim {embed_dim}")
+            warnings.warn(f"num_heads * 64 = {num_heads * HEAD_DIM} differs from embed_dim {embed_dim}", stacklevel=2)
         self.num_classes = self.num_genes = num_classes
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.depth = depth
@@ -453,9 +346,7 @@ class M2ORT(nn.Module):
         _check_inputs(level1, level2, level3)
         return self.patch_embed(level1, level2, level3)
 
-    def forward_features(
-        self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor
-    ) -> torch.Tensor:
+    def forward_features(self, level1: torch.Tensor, level2: torch.Tensor, level3: torch.Tensor) -> torch.Tensor:
         """Encoded, final-normed tokens (B, 197, D); index 0 is the CLS token."""
         return self.norm(self.blocks(self._tokens(level1, level2, level3)))
 
@@ -471,7 +362,7 @@ class M2ORT(nn.Module):
         x = self.head_drop(x[:, 0])
         if pre_logits:
             return x
-        if _autocast_on(x.device.type):
+        if autocast_on(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self.head(x.to(self.norm.weight.dtype))
         return self.head(x)
@@ -497,27 +388,11 @@ def _init_linear(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-def _cpu_autocast_dtype() -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype("cpu")
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
-
-
 def _check_inputs(*levels: torch.Tensor) -> None:
     """Catch swapped or wrongly sized levels early, with shapes in the message."""
     for i, (x, size) in enumerate(zip(levels, LEVEL_SIZES), start=1):
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
-            raise ValueError(
-                f"level{i} must be (B, 3, {size}, {size}) float in [0, 1], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"level{i} must be (B, 3, {size}, {size}) float in [0, 1], got {tuple(x.shape)}")
     if not (levels[0].shape[0] == levels[1].shape[0] == levels[2].shape[0]):
         raise ValueError(f"the three levels have different batch sizes: {[x.shape[0] for x in levels]}")
 
@@ -558,14 +433,25 @@ def executed_flops_per_spot(model: M2ORT) -> int:
     blk = model.blocks[-1]
     a = blk.attn
     inner = a.num_heads * a.head_dim
-    skipped = n * (a.q.in_features * inner + a.proj.in_features * a.proj.out_features
-                   + blk.mlp.fc1.in_features * blk.mlp.fc1.out_features
-                   + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features)
+    skipped = n * (
+        a.q.in_features * inner
+        + a.proj.in_features * a.proj.out_features
+        + blk.mlp.fc1.in_features * blk.mlp.fc1.out_features
+        + blk.mlp.fc2.in_features * blk.mlp.fc2.out_features
+    )
     skipped += 2 * n * (n + 1) * inner  # the other tokens' rows of q @ k^T and attn @ v
     return total - 2 * skipped
 
 
-# -- timm registration -----------------------------------------------------------------
+# -- pretrained configs ----------------------------------------------------------------
+# depth, embed_dim, num_heads, mlp_dim (spec table; heads * 64 = D, M = 2D/3)
+VARIANTS: dict[str, dict[str, int]] = {
+    "m2ort_small": dict(depth=6, embed_dim=576, num_heads=9, mlp_dim=384),
+    "m2ort_base": dict(depth=8, embed_dim=768, num_heads=12, mlp_dim=512),
+    "m2ort_large": dict(depth=12, embed_dim=1152, num_heads=18, mlp_dim=768),
+}
+
+
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "num_classes": 250,
@@ -589,7 +475,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> M2ORT:
+# -- creation --------------------------------------------------------------------------
+def _create_m2ort(variant: str, pretrained: bool = False, **kwargs: Any) -> M2ORT:
     if pretrained:
         raise M2ORTError(
             f"{variant} has no downloadable weights (pretrained=True). Create it with "
@@ -615,30 +502,20 @@ def _register(fn):
     return register_model(fn)
 
 
+# -- registered entrypoints ------------------------------------------------------------
 @_register
 def m2ort_small(pretrained: bool = False, **kwargs: Any) -> M2ORT:
     """M2ORT-S: depth 6, D 576, 9 heads, M 384 (7.62 M parameters with 250 genes)."""
-    return _create("m2ort_small", pretrained, **kwargs)
+    return _create_m2ort("m2ort_small", pretrained, **kwargs)
 
 
 @_register
 def m2ort_base(pretrained: bool = False, **kwargs: Any) -> M2ORT:
     """M2ORT-B: depth 8, D 768, 12 heads, M 512 (17.1 M parameters with 250 genes)."""
-    return _create("m2ort_base", pretrained, **kwargs)
+    return _create_m2ort("m2ort_base", pretrained, **kwargs)
 
 
 @_register
 def m2ort_large(pretrained: bool = False, **kwargs: Any) -> M2ORT:
     """M2ORT-L: depth 12, D 1152, 18 heads, M 768 (55.5 M parameters with 250 genes)."""
-    return _create("m2ort_large", pretrained, **kwargs)
-
-
-# Reference attention for tests and the benchmark: explicit softmax, same weights.
-def reference_attention(attn: ITMM, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
-    """ITMM written out (matmul, softmax, matmul) to check the fused SDPA path against."""
-    q, k, v = attn.qkv(x, num_queries)
-    w = (q @ k.transpose(-2, -1)) * attn.scale
-    out = w.softmax(dim=-1) @ v
-    b, h, n, d = out.shape
-    return attn.proj(out.transpose(1, 2).reshape(b, n, h * d))
-
+    return _create_m2ort("m2ort_large", pretrained, **kwargs)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import M2ORTError
 from . import m2ort as _arch
-from .m2ort import VARIANTS, M2ORT
+from .m2ort import M2ORT, VARIANTS
 
 __all__ = [
     "BUNDLED_PATH",
@@ -40,6 +40,7 @@ __all__ = [
     "load_bundled",
     "load_checkpoint",
     "read_card",
+    "read_digest",
     "replace_head",
     "save_checkpoint",
 ]
@@ -120,8 +121,7 @@ class ModelCard:
             raise M2ORTError(f"The model card's mpp must be a positive µm/px, got {self.mpp}.")
         if self.target_mean is not None and len(self.target_mean) != len(self.genes):
             raise M2ORTError(
-                f"The model card's target_mean has {len(self.target_mean)} values but it "
-                f"lists {len(self.genes)} genes."
+                f"The model card's target_mean has {len(self.target_mean)} values but it lists {len(self.genes)} genes."
             )
 
     @property
@@ -134,7 +134,7 @@ class ModelCard:
         return json.dumps({**extra, **data}, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelCard":
+    def from_json(cls, text: str) -> ModelCard:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -186,9 +186,7 @@ def check_genes(card: ModelCard, genes) -> GeneCheck:
 
 
 # -- saving -------------------------------------------------------------------------------
-def save_checkpoint(
-    model: nn.Module, card: ModelCard, path, dtype: torch.dtype | str | None = None
-) -> Path:
+def save_checkpoint(model: nn.Module, card: ModelCard, path, dtype: torch.dtype | str | None = None) -> Path:
     """Write ``model``'s weights and ``card`` to ``path`` atomically; return the path.
 
     ``dtype`` (e.g. ``torch.float16``) casts floating tensors for shipping; loading always
@@ -237,13 +235,9 @@ def _check_card_matches_model(card: ModelCard, model: nn.Module) -> None:
     arch = dict(depth=model.depth, embed_dim=model.embed_dim, num_heads=model.num_heads,
                 mlp_dim=model.mlp_dim)  # fmt: skip
     if arch != VARIANTS[card.variant]:
-        raise M2ORTError(
-            f"The card says {card.variant} ({VARIANTS[card.variant]}) but the model is {arch}."
-        )
+        raise M2ORTError(f"The card says {card.variant} ({VARIANTS[card.variant]}) but the model is {arch}.")
     if model.num_genes != len(card.genes):
-        raise M2ORTError(
-            f"The model's head has {model.num_genes} genes but the card lists {len(card.genes)}."
-        )
+        raise M2ORTError(f"The model's head has {model.num_genes} genes but the card lists {len(card.genes)}.")
     if bool(model.tied_kv) != bool(card.tied_kv):
         raise M2ORTError(f"The model has tied_kv={model.tied_kv} but the card says {card.tied_kv}.")
 
@@ -267,6 +261,14 @@ def read_card(path) -> ModelCard:
         return _parse_card(handle.metadata(), path)
 
 
+def read_digest(path) -> str | None:
+    """The SHA-256 of a checkpoint's tensors as stored in its header, without loading
+    them: a content id for the weights (None if the file was saved without one)."""
+    path = _existing(path)
+    with _open(path) as handle:
+        return (handle.metadata() or {}).get(_SHA_KEY)
+
+
 def load_checkpoint(path, device="cpu") -> tuple[M2ORT, ModelCard]:
     """Build the card's variant, load the weights strictly (as float32), eval mode."""
     import timm
@@ -284,8 +286,7 @@ def load_checkpoint(path, device="cpu") -> tuple[M2ORT, ModelCard]:
     digest = metadata.get(_SHA_KEY)
     if digest is not None and digest != _tensor_digest(raw):
         raise M2ORTError(
-            f"{path}: the weights do not match their checksum; the file is corrupted. "
-            "Copy or download it again."
+            f"{path}: the weights do not match their checksum; the file is corrupted. Copy or download it again."
         )
     if card.variant not in VARIANTS or not timm.is_model(card.variant):
         raise M2ORTError(
@@ -293,9 +294,7 @@ def load_checkpoint(path, device="cpu") -> tuple[M2ORT, ModelCard]:
             f"does not know (known: {', '.join(VARIANTS)}). Update napari-m2ort."
         )
     # Built on the meta device (no random init); the loaded tensors become the parameters.
-    model = timm.create_model(
-        card.variant, num_classes=len(card.genes), tied_kv=card.tied_kv, device="meta"
-    )
+    model = timm.create_model(card.variant, num_classes=len(card.genes), tied_kv=card.tied_kv, device="meta")
     tensors = {k: (t.float() if t.is_floating_point() else t) for k, t in raw.items()}
     problem = _state_mismatch(model, tensors, card)
     if problem:
