@@ -14,17 +14,17 @@ from napari_m2ort.io.convert import (
     convert_to_ome_tiff,
     iter_convert_to_ome_tiff,
     make_synthetic_pyramid,
-    pyramid_shapes,
 )
-from napari_m2ort.io.slides import _half_np, open_slide
+from napari_m2ort.io.slides import open_slide
+from napari_m2ort.io.slides.pyramid import half_np, level_shapes
 from napari_m2ort.progress import Progress
+from napari_m2ort.slide import open_image
 
 
 @pytest.fixture(scope="module")
 def crop(her2st, tmp_path_factory):
     """A 3000 x 3000 crop of a real H&E section, saved losslessly (PNG, no pixel size)."""
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(her2st / "ST-imgs" / "C" / "C3" / "5714_HE_BT_D1.jpg") as im:
+    with open_image(her2st / "ST-imgs" / "C" / "C3" / "5714_HE_BT_D1.jpg") as im:
         pixels = np.asarray(im.crop((3000, 3000, 6000, 6000)).convert("RGB"))
     path = tmp_path_factory.mktemp("src") / "crop.png"
     Image.fromarray(pixels).save(path, compress_level=1)
@@ -54,7 +54,7 @@ def test_roundtrip_pixels_and_mpp(crop, converted):
     # lower levels carry more detail per pixel, so JPEG error is larger; a misplaced or
     # mis-scaled level would be off by tens of grey levels
     level1 = slide.levels[1].compute()
-    assert np.abs(level1.astype(int) - _half_np(pixels)).mean() < 5
+    assert np.abs(level1.astype(int) - half_np(pixels)).mean() < 5
 
 
 def test_file_layout(converted):
@@ -131,7 +131,7 @@ def test_ome_with_levels_as_series(crop, tmp_path):
     """Older OME writers store each resolution as its own Image (series)."""
     _, pixels = crop
     level0 = np.ascontiguousarray(pixels[:2048, :2048])
-    levels = [level0, _half_np(level0), _half_np(_half_np(level0))]
+    levels = [level0, half_np(level0), half_np(half_np(level0))]
     path = tmp_path / "series.ome.tif"
     with tifffile.TiffWriter(path, ome=True) as tw:
         for i, data in enumerate(levels):
@@ -157,12 +157,12 @@ def test_synthetic_pyramid_and_reconversion(tmp_path):
     src = make_synthetic_pyramid(tmp_path / "syn.ome.tif", 5000, 3000, mpp=0.25, tile=256)
     slide = open_slide(src)
     assert slide.mpp == 0.25 and slide.mpp_source == "metadata"
-    assert slide.level_shapes == pyramid_shapes(3000, 5000)
+    assert slide.level_shapes == level_shapes(3000, 5000)
     assert slide.level_shapes[-1] == (375, 625)
     # the texture is periodic, so each level is (up to JPEG error) the average of the one above
     fine = slide.read_region(0, 0, 1024, 1024, 0)
     coarse = slide.read_region(0, 0, 512, 512, 1)
-    assert np.abs(_half_np(fine).astype(int) - coarse).mean() < 6
+    assert np.abs(half_np(fine).astype(int) - coarse).mean() < 6
     # converting a pyramidal source reads each level tile by tile from its own pyramid
     out = convert_to_ome_tiff(src, tmp_path / "re.ome.tif", tile=256)
     again = open_slide(out)
@@ -178,15 +178,19 @@ def test_convert_single_level_tiff_source(tmp_path):
     image = np.clip(128 + 100 * np.dstack(waves), 0, 255).astype(np.uint8)  # smooth
     src = tmp_path / "flat.tif"
     tifffile.imwrite(
-        src, image, tile=(256, 256), photometric="rgb",
-        resolution=(1e4 / 0.4, 1e4 / 0.4), resolutionunit="CENTIMETER",
+        src,
+        image,
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(1e4 / 0.4, 1e4 / 0.4),
+        resolutionunit="CENTIMETER",
     )
     out = convert_to_ome_tiff(src, tmp_path / "flat.ome.tif", tile=256, quality=95)
     slide = open_slide(out)
     assert slide.mpp == pytest.approx(0.4)
-    assert slide.level_shapes == pyramid_shapes(2100, 4100)
+    assert slide.level_shapes == level_shapes(2100, 4100)
     expected = image
     for level in range(len(slide.levels)):
         got = slide.levels[level].compute()
         assert np.abs(got.astype(int) - expected).mean() < 3, level
-        expected = _half_np(expected)
+        expected = half_np(expected)

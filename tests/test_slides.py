@@ -14,14 +14,15 @@ import tifffile
 from PIL import Image
 
 from napari_m2ort.errors import M2ORTError
-from napari_m2ort.io import slides
 from napari_m2ort.io.slides import (
     DEFAULT_MPP,
     ENV_MPP,
-    _half_np,
+    flat,
     napari_get_reader,
     open_slide,
 )
+from napari_m2ort.io.slides.pyramid import half_np
+from napari_m2ort.slide import open_image
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +44,7 @@ def c2(c2_jpeg):
 @pytest.fixture(scope="module")
 def c2_pixels(c2_jpeg):
     """The whole C2 image as Pillow decodes it: the reference for exact reads."""
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(c2_jpeg) as im:
+    with open_image(c2_jpeg) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -63,7 +63,7 @@ def test_jpeg_open_is_lazy_and_warns_default_mpp(c2_jpeg, monkeypatch):
     def no_decoding(self, k):
         raise AssertionError("open_slide decoded pixels")
 
-    monkeypatch.setattr(slides._FlatSource, "_compute", no_decoding)
+    monkeypatch.setattr(flat._FlatSource, "_compute", no_decoding)
     tracemalloc.start()
     t0 = time.perf_counter()
     with pytest.warns(UserWarning, match="no pixel-size metadata") as record:
@@ -123,9 +123,9 @@ def test_jpeg_lower_levels_are_area_averages(c2, c2_pixels):
     block = c2_pixels[4000:4800, 4000:4800]
     # 1/8 level comes from libjpeg DCT scaling: close to the box average, not identical
     coarse = c2.read_region(500, 500, 100, 100, level=3)
-    assert np.abs(coarse.astype(int) - _half_np(_half_np(_half_np(block)))).mean() < 2
+    assert np.abs(coarse.astype(int) - half_np(half_np(half_np(block)))).mean() < 2
     # level 4 is computed from level 3 exactly
-    np.testing.assert_array_equal(c2.levels[4].compute(), _half_np(c2.levels[3].compute()))
+    np.testing.assert_array_equal(c2.levels[4].compute(), half_np(c2.levels[3].compute()))
 
 
 def test_thumbnail(c2):
@@ -253,8 +253,8 @@ def test_single_level_tiff_gets_lazy_pyramid(tmp_path):
     tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb")
     slide = _quiet_open(path)
     assert slide.level_shapes == [(1100, 2100), (550, 1050), (275, 525)]
-    np.testing.assert_array_equal(slide.levels[1].compute(), _half_np(image))
-    quarter = _half_np(_half_np(image))
+    np.testing.assert_array_equal(slide.levels[1].compute(), half_np(image))
+    quarter = half_np(half_np(image))
     np.testing.assert_array_equal(slide.read_region(10, 20, 30, 40, 2), quarter[20:60, 10:40])
 
 
@@ -288,7 +288,7 @@ def _write_palette_png(path):
 
 
 def _write_16bit_png(path):
-    values = (_GRAY.astype(np.uint16) * 257)  # full 16-bit range
+    values = _GRAY.astype(np.uint16) * 257  # full 16-bit range
     Image.fromarray(values).save(path)
     return np.repeat(_GRAY[..., None], 3, axis=2)
 

@@ -11,10 +11,11 @@ box is read once, so a tile shared by neighbouring spots is decoded once per bat
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from napari_m2ort.slide import SlideLike
 
 PATCH_PX = 224
 WHITE = 255
@@ -29,14 +30,6 @@ class SpotPatches:
     level1: np.ndarray  # (N, 224, 224, 3) uint8
     outside: np.ndarray  # (N,) bool: the field of view extends past the slide (padded white)
     blank: np.ndarray  # (N,) bool: almost uniform white/black/no tissue
-
-    @property
-    def level2(self) -> np.ndarray:
-        return area_downsample(self.level1, 2)
-
-    @property
-    def level3(self) -> np.ndarray:
-        return area_downsample(self.level1, 4)
 
     def __len__(self) -> int:
         return len(self.level1)
@@ -73,8 +66,12 @@ def fov_um(mpp: float, size_px: int = PATCH_PX) -> float:
     return size_px * mpp
 
 
-def sample_spots(slide, centers_um: np.ndarray, mpp: float, size_px: int = PATCH_PX) -> SpotPatches:
-    """Level-1 patches (size_px at ``mpp`` µm/px) centred on each spot."""
+def sample_spots(slide: SlideLike, centers_um: np.ndarray, mpp: float, size_px: int = PATCH_PX) -> SpotPatches:
+    """Level-1 patches (size_px at ``mpp`` µm/px) centred on each spot.
+
+    Uses only the ``SlideLike`` contract: ``mpp``, ``best_level``, ``downsamples``,
+    ``levels[k].shape`` and ``read_region``.
+    """
     centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
     n = len(centers_um)
     out = np.full((n, size_px, size_px, 3), WHITE, dtype=np.uint8)
@@ -154,13 +151,3 @@ def spatial_order(centers_um: np.ndarray, cell_um: float = 1000.0) -> np.ndarray
     cy = np.floor(centers_um[:, 1] / cell_um).astype(np.int64)
     serp = np.where(cy % 2 == 0, cx, -cx)
     return np.lexsort((centers_um[:, 0], centers_um[:, 1], serp, cy))
-
-
-def warn_if_suspicious(patches: SpotPatches, where: str = "") -> None:
-    nb = int(patches.blank.sum())
-    if nb:
-        warnings.warn(
-            f"{nb} of {len(patches)} spots{where} show no tissue (white or uniform patches); "
-            "their predictions are unreliable.",
-            stacklevel=2,
-        )

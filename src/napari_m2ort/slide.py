@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_MPP",
     "FLAT_SUFFIXES",
     "LEVEL_TOLERANCE",
+    "OME_SUFFIXES",
     "RGBSpec",
     "SlideLike",
     "TIFF_SUFFIXES",
@@ -49,6 +51,8 @@ LEVEL_TOLERANCE = 0.01
 
 #: Files read through tifffile (tiled/pyramidal TIFF, OME-TIFF, SVS, NDPI, ...).
 TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".qptiff"})
+#: OME-TIFF names (the whole suffix is the format; the slide's name is what precedes it).
+OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.btf")
 #: Flat images decoded whole by Pillow/libjpeg.
 FLAT_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 

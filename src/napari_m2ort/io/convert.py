@@ -18,14 +18,17 @@ import os
 import queue
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from napari_m2ort.errors import Cancelled, M2ORTError
-from napari_m2ort.io.slides import MIN_LEVEL_SIDE, Slide, _half_np, _open
+from napari_m2ort.io.slides import Slide, open_slide
+from napari_m2ort.io.slides.pyramid import half_np, level_shapes
 from napari_m2ort.progress import Job, Progress, run_to_end
+from napari_m2ort.slide import OME_SUFFIXES, choose_level, validate_mpp
 
 __all__ = ["convert_to_ome_tiff", "iter_convert_to_ome_tiff", "make_synthetic_pyramid"]
 
@@ -48,9 +51,7 @@ def convert_to_ome_tiff(
     has none: the output states its pixel size as fact, so a guess must not go in.
     ``progress`` receives ``Progress("convert", tiles_done, tiles_total, message)``.
     """
-    return run_to_end(
-        iter_convert_to_ome_tiff(src, out, mpp=mpp, tile=tile, quality=quality), progress
-    )
+    return run_to_end(iter_convert_to_ome_tiff(src, out, mpp=mpp, tile=tile, quality=quality), progress)
 
 
 def iter_convert_to_ome_tiff(
@@ -70,7 +71,7 @@ def iter_convert_to_ome_tiff(
     """
     out = Path(os.fspath(out)).expanduser()
     _check_options(out, tile, quality)
-    slide = _open(Path(os.fspath(src)).expanduser(), mpp, quiet=True)
+    slide = open_slide(src, mpp, quiet=True)
     if slide.mpp_source == "default":
         slide.close()
         raise M2ORTError(
@@ -84,10 +85,8 @@ def iter_convert_to_ome_tiff(
     worker: threading.Thread | None = None
     try:
         if out.exists() and out.resolve() == slide.path.resolve():
-            raise M2ORTError(
-                f"The output '{out}' is the input file itself; choose another output name."
-            )
-        shapes = pyramid_shapes(*slide.shape)
+            raise M2ORTError(f"The output '{out}' is the input file itself; choose another output name.")
+        shapes = level_shapes(*slide.shape)
         total = sum(_n_tiles(h, w, tile) for h, w in shapes)
         yield Progress("convert", 0, total, f"writing {out.name}")
 
@@ -146,18 +145,14 @@ def _write_pyramid(
                     if done % 64 == 0:
                         events.put(("tiles", (done, k)))
 
-            options = _level_options(
-                slide.mpp, slide.shape[1], slide.name, (h, w), k, len(shapes), tile, quality
-            )
+            options = _level_options(slide.mpp, slide.shape[1], slide.name, (h, w), k, len(shapes), tile, quality)
             # tifffile buffers this many bytes of raw tiles per parallel encode pass
             # (default 256 MB): keep it small next to the source image.
             options["buffersize"] = 32 * 2**20
             try:
                 tw.write(counted(), **options)
             except OSError as exc:
-                raise M2ORTError(
-                    f"Writing '{path}' failed: {exc.strerror or exc}. Check free disk space."
-                ) from exc
+                raise M2ORTError(f"Writing '{path}' failed: {exc.strerror or exc}. Check free disk space.") from exc
 
 
 def _level_options(
@@ -198,32 +193,17 @@ def _level_options(
     return options
 
 
-def pyramid_shapes(height: int, width: int) -> list[tuple[int, int]]:
-    """Level shapes, halving (rounding up) until the largest side is below 1024 px."""
-    shapes = [(int(height), int(width))]
-    while max(shapes[-1]) >= MIN_LEVEL_SIDE:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-    return shapes
-
-
 def _check_options(out: Path, tile: int, quality: int) -> None:
     if tile < 16 or tile % 16:
-        raise M2ORTError(
-            f"Tile size {tile} for '{out}' must be a multiple of 16 (e.g. 256 or 512)."
-        )
+        raise M2ORTError(f"Tile size {tile} for '{out}' must be a multiple of 16 (e.g. 256 or 512).")
     if not 1 <= quality <= 100:
         raise M2ORTError(f"JPEG quality {quality} for '{out}' must be between 1 and 100.")
-    if not out.name.lower().endswith((".ome.tif", ".ome.tiff")):
-        raise M2ORTError(
-            f"Output '{out}' should end in .ome.tif so other tools recognise it as OME-TIFF."
-        )
+    if not out.name.lower().endswith(OME_SUFFIXES):
+        raise M2ORTError(f"Output '{out}' should end in .ome.tif so other tools recognise it as OME-TIFF.")
     if out.is_dir():
         raise M2ORTError(f"Output '{out}' is a folder; give a file name ending in .ome.tif.")
     if not out.parent.is_dir():
-        raise M2ORTError(
-            f"The folder for the output '{out}' does not exist; create it first."
-        )
+        raise M2ORTError(f"The folder for the output '{out}' does not exist; create it first.")
 
 
 def _n_tiles(h: int, w: int, tile: int) -> int:
@@ -252,13 +232,13 @@ def _level_tiles(
     """Tiles of output level ``k`` and, when it had to be built whole, the level itself."""
     h, w = shapes[k]
     ds = slide.shape[1] / w
-    native = slide.downsamples[: slide._native_levels]
-    s = max(i for i, d in enumerate(native) if d <= ds * 1.01)
+    native = slide.downsamples[: slide.native_levels]
+    s = choose_level(native, ds)
     factor = ds / native[s]
     if prev is None and factor <= _MAX_TILEWISE_FACTOR:
         return None, _tiles_from_slide(slide, s, factor, (h, w), tile)
     if prev is not None:
-        level = _half_np(prev)
+        level = half_np(prev)
     else:
         sh, sw = slide.levels[s].shape[:2]
         level = _shrink(slide.read_region(0, 0, sw, sh, s), factor, (h, w))
@@ -283,9 +263,7 @@ def _pad_edge(t: np.ndarray, tile: int) -> np.ndarray:
     return np.pad(t, ((0, tile - t.shape[0]), (0, tile - t.shape[1]), (0, 0)), mode="edge")
 
 
-def _tiles_from_slide(
-    slide: Slide, s: int, factor: float, shape: tuple[int, int], tile: int
-) -> Iterator[np.ndarray]:
+def _tiles_from_slide(slide: Slide, s: int, factor: float, shape: tuple[int, int], tile: int) -> Iterator[np.ndarray]:
     """Tiles read from source level ``s`` and shrunk by ``factor`` (~1, 2 or 4)."""
     h, w = shape
     sh, sw = slide.levels[s].shape[:2]
@@ -304,7 +282,7 @@ def _shrink(a: np.ndarray, factor: float, shape: tuple[int, int]) -> np.ndarray:
     halvings = round(math.log2(factor)) if factor >= 1 else 0
     if abs(factor - 2**halvings) < 0.01:
         for _ in range(halvings):
-            a = _half_np(a)
+            a = half_np(a)
         if a.shape[:2] == shape:
             return a
         if a.shape[0] >= shape[0] and a.shape[1] >= shape[1]:
@@ -317,9 +295,7 @@ def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     if a.shape[:2] == shape:
         return a
-    return np.asarray(
-        Image.fromarray(a).resize((shape[1], shape[0]), Image.Resampling.BOX)
-    )
+    return np.asarray(Image.fromarray(a).resize((shape[1], shape[0]), Image.Resampling.BOX))
 
 
 # --------------------------------------------------------------------------------------
@@ -346,9 +322,10 @@ def make_synthetic_pyramid(
     import tifffile
 
     out = Path(os.fspath(out))
+    mpp = validate_mpp(mpp, f"Pixel size for '{out}'")
     if tile % 16 or tile < 16:
         raise ValueError("tile must be a multiple of 16")
-    shapes = pyramid_shapes(height, width)
+    shapes = level_shapes(height, width)
     texture = _texture(tile, seed)
     encode = tifffile.TIFF.COMPRESSORS[7]  # the JPEG encoder tifffile itself uses
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
@@ -364,9 +341,7 @@ def make_synthetic_pyramid(
                     outcolorspace="YCBCR",
                 )
                 n = _n_tiles(h, w, tile)
-                options = _level_options(
-                    mpp, width, "synthetic", (h, w), k, len(shapes), tile, quality
-                )
+                options = _level_options(mpp, width, "synthetic", (h, w), k, len(shapes), tile, quality)
                 tw.write((data for _ in range(n)), **options)
         os.replace(tmp, out)
     finally:
@@ -401,6 +376,6 @@ def _periodic_level_tile(texture: np.ndarray, k: int) -> np.ndarray:
     repeated 2^k x 2^k."""
     small = texture
     for _ in range(k):
-        small = _half_np(small)
+        small = half_np(small)
     reps = texture.shape[0] // small.shape[0]
     return np.ascontiguousarray(np.tile(small, (reps, reps, 1)))

@@ -72,8 +72,8 @@ class LayerSlide:
         md = getattr(layer, "metadata", {}) or {}
         path = md.get("path") or getattr(getattr(layer, "source", None), "path", None)
         self.path = Path(path) if path else Path(f"<layer {self.name}>")
-        h0 = self._levels[0].shape[0]
-        self.downsamples = [float(h0) / float(a.shape[0]) for a in self._levels]
+        w0 = self._levels[0].shape[1]
+        self.downsamples = [float(w0) / float(a.shape[1]) for a in self._levels]
         channels = self._levels[0].shape[2] if len(self._levels[0].shape) == 3 else 1
         self._spec = RGBSpec(alpha="straight" if channels in (2, 4) else None)
         self._spec_ready = self._levels[0].dtype == np.uint8
