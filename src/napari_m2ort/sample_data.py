@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io.st import STSection, read_legacy_st, section_layer_data
+from .io.napari import section_layer_data
+from .io.st import STSection, read_legacy_st
 
 __all__ = ["SAMPLE_DIR", "sample_image_path", "sample_section", "her2st_sample", "SAMPLE_CITATION"]
 
@@ -33,9 +34,7 @@ def sample_image_path() -> Path:
 
 def sample_section() -> STSection:
     """The bundled section C2 as an STSection (187 spots × 15,706 genes, raw counts)."""
-    return read_legacy_st(
-        SAMPLE_DIR / _IMAGE, SAMPLE_DIR / _COUNTS, SAMPLE_DIR / _SPOTS, name="her2st C2"
-    )
+    return read_legacy_st(SAMPLE_DIR / _IMAGE, SAMPLE_DIR / _COUNTS, SAMPLE_DIR / _SPOTS, name="her2st C2")
 
 
 def her2st_sample() -> list[tuple]:

@@ -29,10 +29,21 @@ PANEL_RULE = (
 PANEL_RULES = {"mean_log1p_cpm": PANEL_RULE}
 
 
-def _as_csr(counts) -> sp.csr_matrix:
+def as_csr(counts) -> sp.csr_matrix:
+    """Counts (dense or sparse) as float64 CSR, the form every counts computation takes."""
     if sp.issparse(counts):
         return sp.csr_matrix(counts, dtype=np.float64)
     return sp.csr_matrix(np.asarray(counts, dtype=np.float64))
+
+
+def log1p_cpm(counts) -> sp.csr_matrix:
+    """log1p(counts per million) per spot over all genes; spots with no counts stay 0."""
+    x = as_csr(counts)
+    total = np.asarray(x.sum(axis=1)).ravel()
+    inv = np.divide(1e6, total, out=np.zeros_like(total), where=total > 0)
+    y = sp.csr_matrix(sp.diags(inv) @ x)
+    y.data = np.log1p(y.data)
+    return y
 
 
 def normalize_counts(counts, panel_idx) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +55,7 @@ def normalize_counts(counts, panel_idx) -> tuple[np.ndarray, np.ndarray]:
     is negative or non-finite — such spots carry no usable target).
     """
     panel_idx = np.asarray(panel_idx, dtype=np.intp)
-    c = _as_csr(counts)[:, panel_idx].toarray()
+    c = as_csr(counts)[:, panel_idx].toarray()
     finite = np.isfinite(c).all(axis=1) & (c >= 0).all(axis=1)
     total = np.where(finite, np.nansum(np.where(np.isfinite(c), c, 0), axis=1), 0.0)
     keep = finite & (total > 0)
@@ -62,15 +73,11 @@ def panel_indices(genes: Sequence[str], panel: Sequence[str]) -> np.ndarray:
 
 
 def _mean_log1p_cpm(counts) -> np.ndarray:
-    c = _as_csr(counts)
-    total = np.asarray(c.sum(axis=1)).ravel()
-    ok = total > 0
+    c = as_csr(counts)
+    ok = np.asarray(c.sum(axis=1)).ravel() > 0
     if not ok.any():
         return np.zeros(c.shape[1])
-    c = c[np.flatnonzero(ok)]
-    y = sp.csr_matrix(sp.diags(1e6 / total[ok]) @ c)
-    y.data = np.log1p(y.data)
-    return np.asarray(y.mean(axis=0)).ravel()
+    return np.asarray(log1p_cpm(c[np.flatnonzero(ok)]).mean(axis=0)).ravel()
 
 
 def _counts_and_genes(section):

@@ -1,7 +1,9 @@
-"""Predictions to AnnData / CSV, written atomically; napari writers for the Points layer.
+"""Predicted or measured spots to AnnData / CSV, written atomically.
 
 Atomic = write a temporary file next to the target, then ``os.replace``: an interrupted
-export never leaves a half-written file where a good one was.
+export never leaves a half-written file where a good one was. The file gets the
+permissions the user's umask asks for (the temporary file starts private).
+The npe2 writer hooks that call this live in :mod:`napari_m2ort.io.napari`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import numpy as np
 from ..errors import M2ORTError
 
 
+def _umask() -> int:
+    try:  # Linux states it without changing it
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _atomic(path, write_fn) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -25,6 +37,7 @@ def _atomic(path, write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary file only
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -56,6 +69,22 @@ def write_csv(adata, path) -> Path:
     return _atomic(path, lambda p: df.to_csv(p, index_label="spot"))
 
 
+def _set_spatial(adata, xy_um, mpp: float, diameter_um: float, library: str, metadata: dict | None = None):
+    """Visium/squidpy-style keys: pixel and µm centres, one library's scalefactors."""
+    adata.obsm["spatial"] = xy_um / mpp
+    adata.obsm["spatial_um"] = xy_um
+    lib = {
+        "scalefactors": {
+            "spot_diameter_fullres": diameter_um / mpp,
+            "tissue_hires_scalef": 1.0,
+            "microns_per_pixel": mpp,
+        }
+    }
+    if metadata is not None:
+        lib["metadata"] = metadata
+    adata.uns["spatial"] = {library: lib}
+
+
 def prediction_to_anndata(pred, card, slide=None, spots=None, mpp: Optional[float] = None):
     """AnnData of the predicted spots (done ones only), Visium/squidpy-style spatial keys.
 
@@ -73,21 +102,29 @@ def prediction_to_anndata(pred, card, slide=None, spots=None, mpp: Optional[floa
     else:
         ids = [f"spot{i}" for i in np.flatnonzero(done)]
     obs = pd.DataFrame(
-        {"x_um": centers[:, 0], "y_um": centers[:, 1],
-         "outside_slide": np.asarray(pred.outside)[done], "no_tissue": np.asarray(pred.blank)[done]},
+        {
+            "x_um": centers[:, 0],
+            "y_um": centers[:, 1],
+            "outside_slide": np.asarray(pred.outside)[done],
+            "no_tissue": np.asarray(pred.blank)[done],
+        },
         index=pd.Index(ids, name="spot"),
     )
-    adata = ad.AnnData(X=np.asarray(pred.values)[done].astype(np.float32), obs=obs,
-                       var=pd.DataFrame(index=pd.Index([str(g) for g in pred.genes], name="gene")))
-    adata.obsm["spatial"] = centers / mpp
-    adata.obsm["spatial_um"] = centers
+    adata = ad.AnnData(
+        X=np.asarray(pred.values)[done].astype(np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index([str(g) for g in pred.genes], name="gene")),
+    )
     diameter = float(getattr(spots, "diameter_um", 55.0) if spots is not None else 55.0)
     library = slide.name if slide is not None else "prediction"
-    adata.uns["spatial"] = {library: {
-        "scalefactors": {"spot_diameter_fullres": diameter / mpp, "tissue_hires_scalef": 1.0,
-                         "microns_per_pixel": mpp},
-        "metadata": {"source_image_path": str(getattr(slide, "path", "")), "mpp": mpp},
-    }}
+    _set_spatial(
+        adata,
+        centers,
+        mpp,
+        diameter,
+        library,
+        metadata={"source_image_path": str(getattr(slide, "path", "")), "mpp": mpp},
+    )
     adata.uns["m2ort"] = {
         "model_card": card.to_json() if hasattr(card, "to_json") else json.dumps(card),
         "target": getattr(card, "target", ""),
@@ -105,7 +142,9 @@ def points_layer_to_anndata(data, meta: dict):
 
     features = meta.get("features")
     if features is None or len(getattr(features, "columns", [])) == 0:
-        raise M2ORTError("This Points layer has no per-gene features: only predicted/measured spot layers can be saved as AnnData.")
+        raise M2ORTError(
+            "This Points layer has no per-gene features: only predicted/measured spot layers can be saved as AnnData."
+        )
     features = pd.DataFrame(features)
     numeric = features.select_dtypes(include=[np.number])
     yx = np.asarray(data, dtype=float)[:, -2:]
@@ -114,23 +153,14 @@ def points_layer_to_anndata(data, meta: dict):
     mpp = float(md.get("mpp", 1.0))
     ids = md.get("spot_ids")
     index = [str(i) for i in ids] if ids is not None and len(ids) == len(xy) else [f"spot{i}" for i in range(len(xy))]
-    adata = ad.AnnData(X=numeric.to_numpy(np.float32), obs=pd.DataFrame(
-        {"x_um": xy[:, 0], "y_um": xy[:, 1]}, index=pd.Index(index, name="spot")),
-        var=pd.DataFrame(index=pd.Index([str(c) for c in numeric.columns], name="gene")))
-    adata.obsm["spatial"] = xy / mpp
-    adata.obsm["spatial_um"] = xy
+    adata = ad.AnnData(
+        X=numeric.to_numpy(np.float32),
+        obs=pd.DataFrame({"x_um": xy[:, 0], "y_um": xy[:, 1]}, index=pd.Index(index, name="spot")),
+        var=pd.DataFrame(index=pd.Index([str(c) for c in numeric.columns], name="gene")),
+    )
     size = meta.get("size")
     diameter = float(np.median(size)) if size is not None and np.size(size) else 55.0
-    adata.uns["spatial"] = {str(meta.get("name", "spots")): {"scalefactors": {
-        "spot_diameter_fullres": diameter / mpp, "tissue_hires_scalef": 1.0, "microns_per_pixel": mpp}}}
+    _set_spatial(adata, xy, mpp, diameter, str(meta.get("name", "spots")))
     if "model_card" in md:
         adata.uns["m2ort"] = {"model_card": md["model_card"]}
     return adata
-
-
-def napari_write_points_h5ad(path: str, data, meta: dict):
-    return [str(write_h5ad(points_layer_to_anndata(data, meta), path))]
-
-
-def napari_write_points_csv(path: str, data, meta: dict):
-    return [str(write_csv(points_layer_to_anndata(data, meta), path))]
