@@ -23,7 +23,7 @@ from pathlib import Path
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.io.slides.base import ENV_MPP, Slide, display_name, sniff
 from napari_m2ort.io.slides.flat import open_flat
-from napari_m2ort.io.slides.pyramid import MIN_LEVEL_SIDE, half_np
+from napari_m2ort.io.slides.pyramid import MIN_LEVEL_SIDE
 from napari_m2ort.io.slides.reader import napari_get_reader
 from napari_m2ort.io.slides.tiff import open_tiff
 from napari_m2ort.slide import DEFAULT_MPP, SlideLike, validate_mpp
@@ -39,9 +39,8 @@ __all__ = [
     "open_slide",
 ]
 
-# Older names still imported elsewhere in the package.
+# The old private name, until distributed.py (which now imports display_name) is committed.
 _display_name = display_name
-_half_np = half_np
 
 _BACKENDS: dict[str, Callable[[Path, float | None], Slide]] = {
     "tiff": open_tiff,

@@ -9,9 +9,7 @@ backend only has to produce levels.
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,8 +114,10 @@ class Slide:
                 "path": str(self.path),
             },
         }
+        from napari_m2ort.io.napari import UM_UNITS, napari_has_units  # the one units check
+
         if napari_has_units():
-            kwargs["units"] = ("µm", "µm")
+            kwargs["units"] = UM_UNITS
         data = list(self.levels) if multiscale else self.levels[0]
         return [(data, kwargs, "image")]
 
@@ -178,21 +178,6 @@ def plausible(mpp: float | None, limits: tuple[float, float]) -> float | None:
     if mpp is None or not math.isfinite(mpp):
         return None
     return mpp if limits[0] <= mpp <= limits[1] else None
-
-
-@functools.lru_cache(maxsize=1)
-def napari_has_units() -> bool:
-    """Layers accept ``units=`` since napari 0.5.0 (#6979); older ones reject it.
-
-    Checked from the installed version so building layer data never imports napari.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        major, minor = (int(p) for p in re.findall(r"\d+", version("napari"))[:2])
-    except (PackageNotFoundError, ValueError):
-        return True
-    return (major, minor) >= (0, 5)
 
 
 def decode_error(path: Path, where: str, exc: BaseException) -> M2ORTError:
