@@ -175,12 +175,15 @@ def display_name(path: Path) -> str:
 
 
 def plausible(mpp: float | None, limits: tuple[float, float]) -> float | None:
+    """A pixel size read from metadata, or None when it is outside ``limits``: such values
+    are software defaults (72 dpi = 352.8 µm/px), not microscope calibrations."""
     if mpp is None or not math.isfinite(mpp):
         return None
     return mpp if limits[0] <= mpp <= limits[1] else None
 
 
 def decode_error(path: Path, where: str, exc: BaseException) -> M2ORTError:
+    """What a biologist can do about a codec's exception, raised from a lazy read."""
     detail = str(exc).strip() or type(exc).__name__
     return M2ORTError(
         f"Could not decode the image data in '{path}' ({where}): {detail}. The file is "
@@ -190,6 +193,8 @@ def decode_error(path: Path, where: str, exc: BaseException) -> M2ORTError:
 
 
 def file_token(path: Path) -> str:
+    """Identity of one version of a file: dask names and decode caches key on it, so an
+    edited file is never served from a stale cache."""
     from dask.base import tokenize
 
     st = path.stat()
