@@ -128,14 +128,15 @@ def main(argv: list[str] | None = None) -> None:
         converted = ensure_converted(args.workdir, args.jpeg)
         rows.append(("same JPEG converted to OME-TIFF", converted, None))
 
-    print(f"# open_slide benchmark ({platform.node()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()})\n")
+    print(f"# open_slide benchmark ({platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()})\n")
     if build_s is not None:
         size_gb = synthetic.stat().st_size / 1e9
         print(f"Built {synthetic.name} ({size_gb:.2f} GB) in {build_s:.1f} s.\n")
-    print("| file | size (px) | levels | file size | open (s) | open + layer_data (s) "
-          "| RSS added by open (MB) | read 1024² lowest level (s) | read 1024² level 0 (s) "
-          "| RSS after reads (MB) | peak RSS added (MB) |")
+    print(
+        "| file | size (px) | levels | file size | open (s) | open + layer_data (s) "
+        "| RSS added by open (MB) | read 1024² lowest level (s) | read 1024² level 0 (s) "
+        "| RSS after reads (MB) | peak RSS added (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, path, mpp in rows:
         r = run_child(path, mpp)
@@ -146,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['read_low_s']:.3f} | {r['read0_s']:.3f} | {r['after_read0_mb']:.0f} "
             f"| {r['peak_mb']:.0f} |"
         )
-    print("\nTargets: open < 1 s, < 200 MB added. Reads at the lowest level come first "
-          "(what napari shows on open); for the flat JPEG the level-0 read includes the "
-          "one-off full decode.")
+    print(
+        "\nTargets: open < 1 s, < 200 MB added. Reads at the lowest level come first "
+        "(what napari shows on open); for the flat JPEG the level-0 read includes the "
+        "one-off full decode."
+    )
 
 
 if __name__ == "__main__":
