@@ -69,10 +69,10 @@ def _auto_precision() -> str:
 
 
 def prepare(workdir: Path):
-    import napari_m2ort  # noqa: F401  (torch/timm order)
     import timm
     import torch
 
+    import napari_m2ort  # noqa: F401  (torch/timm order)
     from napari_m2ort.io.convert import convert_to_ome_tiff
     from napari_m2ort.model.weights import BUNDLED_PATH, ModelCard, save_checkpoint
 
@@ -88,13 +88,14 @@ def prepare(workdir: Path):
     if not model_path.is_file():
         torch.manual_seed(0)
         model = timm.create_model("m2ort_small", num_classes=250).eval()
-        save_checkpoint(model, ModelCard(variant="m2ort_small", genes=[f"G{i}" for i in range(250)],
-                                         mpp=0.69), model_path)
+        save_checkpoint(
+            model, ModelCard(variant="m2ort_small", genes=[f"G{i}" for i in range(250)], mpp=0.69), model_path
+        )
     return slide, model_path, "random M2ORT-S, 250 genes (bundled weights not installed yet)"
 
 
 def region_for(n_spots: int) -> str:
-    side = (n_spots * 100.0 * 100.0 * 3 ** 0.5 / 2) ** 0.5  # Visium: one spot per pitch² √3/2
+    side = (n_spots * 100.0 * 100.0 * 3**0.5 / 2) ** 0.5  # Visium: one spot per pitch² √3/2
     x, y = CENTRE_UM
     return f"{x - side / 2:.0f},{y - side / 2:.0f},{x + side / 2:.0f},{y + side / 2:.0f}"
 
@@ -102,26 +103,38 @@ def region_for(n_spots: int) -> str:
 def single_process(slide_path: Path, model_path: Path, region: str, batch_size: int) -> dict:
     import torch
 
-    from napari_m2ort.cli import spots_for_slide
     from napari_m2ort.inference import predict
     from napari_m2ort.io.slides import open_slide
     from napari_m2ort.model.weights import load_checkpoint
+    from napari_m2ort.pipelines import parse_region, spots_for_slide
     from napari_m2ort.progress import run_to_end
 
     torch.set_num_threads(_cores())
     t0 = time.perf_counter()
     model, card = load_checkpoint(model_path)
     slide = open_slide(slide_path)
-    args = argparse.Namespace(region=region, tissue=False, layout="visium", pitch=None, diameter=None)
-    spots = spots_for_slide(slide, args)
+    spots = spots_for_slide(slide, [parse_region(region)], "visium")
     pred = run_to_end(predict(slide, spots.centers_um, model, card, device="cpu", batch_size=batch_size))
     total = time.perf_counter() - t0
-    return {"spots": len(spots), "seconds": total, "spots_per_s": len(spots) / total,
-            "predict_spots_per_s": pred.info["spots_per_s"], "peak_mb": _status_kb("VmHWM") / 1024}
+    return {
+        "spots": len(spots),
+        "seconds": total,
+        "spots_per_s": len(spots) / total,
+        "predict_spots_per_s": pred.info["spots_per_s"],
+        "peak_mb": _status_kb("VmHWM") / 1024,
+    }
 
 
-def on_cluster(n_workers: int, slide_path: Path, model_path: Path, region: str, tile_spots: int,
-               batch_size: int, workdir: Path, dask_defaults: bool = False) -> list[dict]:
+def on_cluster(
+    n_workers: int,
+    slide_path: Path,
+    model_path: Path,
+    region: str,
+    tile_spots: int,
+    batch_size: int,
+    workdir: Path,
+    dask_defaults: bool = False,
+) -> list[dict]:
     from distributed import Client, LocalCluster
 
     from napari_m2ort.distributed import batch_predict, local_cluster
@@ -130,8 +143,7 @@ def on_cluster(n_workers: int, slide_path: Path, model_path: Path, region: str, 
     threads = max(1, _cores() // n_workers)
     t = time.perf_counter()
     if dask_defaults:  # plain LocalCluster: nanny sets MALLOC_TRIM_THRESHOLD_, profiler on
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
     else:  # the same cluster set-up as `napari-m2ort batch --scheduler local`
         os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # a nanny of an earlier cluster set it here
         cluster = local_cluster(n_workers, 1, dashboard_address=":0")
@@ -141,17 +153,36 @@ def on_cluster(n_workers: int, slide_path: Path, model_path: Path, region: str, 
             out = workdir / f"out_{n_workers}w_{run}"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
-            summary = batch_predict([slide_path], out, model_path=model_path, region=region,
-                                    tile_spots=tile_spots, batch_size=batch_size, device="cpu",
-                                    client=client, torch_threads=threads, progress=False,
-                                    echo=lambda *_: None)
+            summary = batch_predict(
+                [slide_path],
+                out,
+                model_path=model_path,
+                region=region,
+                tile_spots=tile_spots,
+                batch_size=batch_size,
+                device="cpu",
+                client=client,
+                torch_threads=threads,
+                progress=False,
+                echo=lambda *_: None,
+            )
             secs = time.perf_counter() - t0
             r = summary.slides[0]
             assert r.status == "done", r.error
-            rows.append({"workers": n_workers, "run": run, "dask_defaults": dask_defaults, "spots": r.spots, "tiles": r.tiles,
-                         "seconds": secs, "spots_per_s": r.spots / secs,
-                         "worker_seconds": r.worker_seconds, "startup": startup,
-                         "torch_threads": threads})
+            rows.append(
+                {
+                    "workers": n_workers,
+                    "run": run,
+                    "dask_defaults": dask_defaults,
+                    "spots": r.spots,
+                    "tiles": r.tiles,
+                    "seconds": secs,
+                    "spots_per_s": r.spots / secs,
+                    "worker_seconds": r.worker_seconds,
+                    "startup": startup,
+                    "torch_threads": threads,
+                }
+            )
         mem = client.run(_worker_mem)
     peak = sorted(v[0] / 1024 for v in mem.values())
     for row in rows:
@@ -167,8 +198,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workdir", default="/tmp/m2ort_bench_distributed")
     ap.add_argument("--out", default=str(RESULT))
-    ap.add_argument("--compare-dask-defaults", action="store_true",
-                    help="add 2 workers on a plain LocalCluster (dask's malloc-trim env and profiler)")
+    ap.add_argument(
+        "--compare-dask-defaults",
+        action="store_true",
+        help="add 2 workers on a plain LocalCluster (dask's malloc-trim env and profiler)",
+    )
     args = ap.parse_args()
 
     workdir = Path(args.workdir)
@@ -183,8 +217,7 @@ def main() -> None:
         rows += on_cluster(n, slide, model_path, region, args.tile_spots, args.batch_size, workdir)
         print(rows[-2], rows[-1], sep="\n")
     if args.compare_dask_defaults:
-        rows += on_cluster(2, slide, model_path, region, args.tile_spots, args.batch_size, workdir,
-                           dask_defaults=True)
+        rows += on_cluster(2, slide, model_path, region, args.tile_spots, args.batch_size, workdir, dask_defaults=True)
         print(rows[-2], rows[-1], sep="\n")
     load1 = os.getloadavg()
 
@@ -214,28 +247,37 @@ def main() -> None:
     ]
     for r in rows:
         peak = ", ".join(f"{v:.0f}" for v in r["worker_peak_mb"])
-        kind = ("plain `LocalCluster` (dask defaults)" if r["dask_defaults"]
-                else "`local_cluster()` (as `napari-m2ort batch`)")
+        kind = (
+            "plain `LocalCluster` (dask defaults)"
+            if r["dask_defaults"]
+            else "`local_cluster()` (as `napari-m2ort batch`)"
+        )
         lines.append(
             f"| {kind} | {r['workers']} × {r['torch_threads']} | {r['run']} | {r['spots']} | {r['tiles']} "
             f"| {r['seconds']:.1f} | {r['spots_per_s']:.1f} | {r['worker_seconds']:.1f} | {r['startup']:.1f} | {peak} |"
         )
     warm = {r["workers"]: r["spots_per_s"] for r in rows if r["run"] == "warm" and not r["dask_defaults"]}
     if 1 in warm and 2 in warm:
-        lines += ["", f"Warm speed-up 2 vs 1 worker: {warm[2] / warm[1]:.2f}×; 2 workers vs the "
-                  f"single process: {warm[2] / base['spots_per_s']:.2f}×. On 2 cores, two 1-thread "
-                  "workers beat one 2-thread process: torch's intra-op parallelism on small "
-                  "per-layer matmuls scales poorly, and one worker's patch reading overlaps the "
-                  "other's compute."]
+        lines += [
+            "",
+            f"Warm speed-up 2 vs 1 worker: {warm[2] / warm[1]:.2f}×; 2 workers vs the "
+            f"single process: {warm[2] / base['spots_per_s']:.2f}×. On 2 cores, two 1-thread "
+            "workers beat one 2-thread process: torch's intra-op parallelism on small "
+            "per-layer matmuls scales poorly, and one worker's patch reading overlaps the "
+            "other's compute.",
+        ]
     plain = [r for r in rows if r["dask_defaults"] and r["run"] == "warm"]
     if plain and 2 in warm:
-        lines += ["", f"dask defaults vs `local_cluster()` (2 workers, warm): {plain[0]['spots_per_s']:.1f} vs "
-                  f"{warm[2]:.1f} spots/s. The nanny's `MALLOC_TRIM_THRESHOLD_` disables glibc's adaptive "
-                  "mmap threshold (each activation tensor becomes a fresh mmap + page faults) and the "
-                  "10 ms stack profiler competes for the GIL; `local_cluster()` turns both off, for "
-                  "somewhat higher peak RSS. For a cluster you start yourself, set "
-                  "`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` and "
-                  "`distributed.worker.profile.enabled: false` in its dask config."]
+        lines += [
+            "",
+            f"dask defaults vs `local_cluster()` (2 workers, warm): {plain[0]['spots_per_s']:.1f} vs "
+            f"{warm[2]:.1f} spots/s. The nanny's `MALLOC_TRIM_THRESHOLD_` disables glibc's adaptive "
+            "mmap threshold (each activation tensor becomes a fresh mmap + page faults) and the "
+            "10 ms stack profiler competes for the GIL; `local_cluster()` turns both off, for "
+            "somewhat higher peak RSS. For a cluster you start yourself, set "
+            "`distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` and "
+            "`distributed.worker.profile.enabled: false` in its dask config.",
+        ]
     lines += ["", f"Total benchmark time {time.perf_counter() - t_all:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -25,8 +25,20 @@ def c2_crop_tif(her2st, tmp_path_factory):
 
 def test_predict_region_writes_anndata(c2_crop_tif, tmp_path):
     out = tmp_path / "pred.h5ad"
-    rc = main(["predict", str(c2_crop_tif), "--out", str(out), "--region", "300,300,800,700",
-               "--layout", "visium", "--device", "cpu"])
+    rc = main(
+        [
+            "predict",
+            str(c2_crop_tif),
+            "--out",
+            str(out),
+            "--region",
+            "300,300,800,700",
+            "--layout",
+            "visium",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     a = ad.read_h5ad(out)
     assert 15 <= a.n_obs <= 40 and a.n_vars == 250 and "ERBB2" in a.var_names
@@ -41,8 +53,7 @@ def test_predict_compiled_matches_eager(c2_crop_tif, tmp_path, capsys):
     import os
     import shutil
 
-    args = ["predict", str(c2_crop_tif), "--region", "300,300,800,700", "--device", "cpu",
-            "--precision", "bf16"]
+    args = ["predict", str(c2_crop_tif), "--region", "300,300,800,700", "--device", "cpu", "--precision", "bf16"]
     assert main([*args, "--out", str(tmp_path / "eager.h5ad")]) == 0
     assert main([*args, "--out", str(tmp_path / "compiled.h5ad"), "--compile"]) == 0
     eager, comp = ad.read_h5ad(tmp_path / "eager.h5ad"), ad.read_h5ad(tmp_path / "compiled.h5ad")
@@ -56,21 +67,63 @@ def test_predict_compiled_matches_eager(c2_crop_tif, tmp_path, capsys):
 
 def test_evaluate_bundled_on_a_section(her2st, tmp_path):
     out = tmp_path / "metrics.json"
-    rc = main(["evaluate", "--her2st", str(her2st), "--sections", "C2", "--model", "bundled",
-               "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            "--her2st",
+            str(her2st),
+            "--sections",
+            "C2",
+            "--model",
+            "bundled",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     m = json.loads(out.read_text())
-    for key in ("pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean", "pcc_spot_mean_baseline", "rmse_mean",
-                "n_spots", "n_genes", "n_genes_constant", "genes_missing"):
+    for key in (
+        "pcc_gene_mean",
+        "pcc_gene_top50",
+        "pcc_spot_mean",
+        "pcc_spot_mean_baseline",
+        "rmse_mean",
+        "n_spots",
+        "n_genes",
+        "n_genes_constant",
+        "genes_missing",
+    ):
         assert key in m
     assert m["n_spots"] == 186 and m["n_genes"] == 250 and m["genes_missing"] == []
     assert m["pcc_gene_mean"] > 0.1  # C2 was in the bundled model's training data
 
 
 def test_train_one_epoch_new_panel(her2st, tmp_path):
-    rc = main(["train", "--her2st", str(her2st), "--sections", "C2", "--model", "m2ort_small",
-               "--genes", "top:12", "--epochs", "1", "--batch-size", "32", "--val", "blocks",
-               "--device", "cpu", "--out", str(tmp_path / "run")])
+    rc = main(
+        [
+            "train",
+            "--her2st",
+            str(her2st),
+            "--sections",
+            "C2",
+            "--model",
+            "m2ort_small",
+            "--genes",
+            "top:12",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--val",
+            "blocks",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert rc == 0
     from napari_m2ort.model.weights import load_checkpoint
 

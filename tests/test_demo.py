@@ -13,8 +13,28 @@ import pytest
 
 pytestmark = pytest.mark.gui
 
-SAMPLE_GENES = ("IGKC", "IGLC2", "ERBB2", "IGHG3", "TMSB10", "PSMB3", "IGHA1", "MUCL1", "ACTG1", "TFF3",
-                "ACTB", "SERF2", "PPP1R1B", "IGHM", "MUC6", "PSMD3", "PFN1", "MIEN1", "MGP", "DDX5")
+SAMPLE_GENES = (
+    "IGKC",
+    "IGLC2",
+    "ERBB2",
+    "IGHG3",
+    "TMSB10",
+    "PSMB3",
+    "IGHA1",
+    "MUCL1",
+    "ACTG1",
+    "TFF3",
+    "ACTB",
+    "SERF2",
+    "PPP1R1B",
+    "IGHM",
+    "MUC6",
+    "PSMD3",
+    "PFN1",
+    "MIEN1",
+    "MGP",
+    "DDX5",
+)
 
 
 def _demo_command(out: Path, tmp: Path) -> list[str]:
@@ -29,12 +49,14 @@ def _demo_command(out: Path, tmp: Path) -> list[str]:
     from napari_m2ort.model.weights import ModelCard, save_checkpoint
 
     ckpt = tmp / "tiny.safetensors"
-    save_checkpoint(timm.create_model("m2ort_small", num_classes=len(SAMPLE_GENES)),
-                    ModelCard(variant="m2ort_small", genes=list(SAMPLE_GENES), mpp=0.69), ckpt)
+    save_checkpoint(
+        timm.create_model("m2ort_small", num_classes=len(SAMPLE_GENES)),
+        ModelCard(variant="m2ort_small", genes=list(SAMPLE_GENES), mpp=0.69),
+        ckpt,
+    )
     code = (
-        "import argparse, sys; import napari_m2ort; from napari_m2ort.demo import run_demo; "
-        f"sys.exit(run_demo(argparse.Namespace(out={str(out)!r}, gene=None, spots=12, device='auto', "
-        f"model={str(ckpt)!r})))"
+        "import sys; import napari_m2ort; from napari_m2ort.demo import run_demo; "
+        f"sys.exit(run_demo(out={str(out)!r}, gene=None, spots=12, device='auto', model={str(ckpt)!r}))"
     )
     return [sys.executable, "-c", code]
 

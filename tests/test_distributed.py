@@ -7,7 +7,6 @@ checkpoint (20 genes), LocalClusters of 2 worker processes x 1 thread.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,14 +21,16 @@ import timm
 import torch
 from PIL import Image
 
+from napari_m2ort import batch_resume
+from napari_m2ort import batch_worker as worker
 from napari_m2ort import distributed as dist
 from napari_m2ort.cli import main as cli_main
-from napari_m2ort.cli import spots_for_slide
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.inference import predict
 from napari_m2ort.io.convert import convert_to_ome_tiff
 from napari_m2ort.io.slides import open_slide
 from napari_m2ort.model.weights import ModelCard, load_checkpoint, save_checkpoint
+from napari_m2ort.pipelines import parse_region, spots_for_slide
 from napari_m2ort.progress import run_to_end
 
 distributed = pytest.importorskip("distributed")
@@ -43,8 +44,7 @@ SECTIONS = {
 }
 REGION = "250,250,1050,950"  # µm: ~65 Visium spots per slide (the crops are all tissue)
 # fp32: "auto" is bf16 on CPUs with native bf16, whose rounding depends on batch make-up
-SETTINGS = dict(region=REGION, tissue=False, layout="visium", device="cpu", batch_size=16,
-                precision="fp32")
+SETTINGS = dict(region=REGION, tissue=False, layout="visium", device="cpu", batch_size=16, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +79,11 @@ def checkpoint(tmp_path_factory):
 def reference(cohort, checkpoint):
     """Single-process predictions (inference.predict) of the same spots: {name: (ids, values)}."""
     model, card = load_checkpoint(checkpoint)
-    args = argparse.Namespace(region=REGION, tissue=False, layout="visium", pitch=None, diameter=None)
     ref = {}
     for name in SECTIONS:
         slide = open_slide(cohort[name])
-        spots = spots_for_slide(slide, args)
-        pred = run_to_end(predict(slide, spots.centers_um, model, card, device="cpu", batch_size=16,
-                                  precision="fp32"))
+        spots = spots_for_slide(slide, [parse_region(REGION)], "visium")
+        pred = run_to_end(predict(slide, spots.centers_um, model, card, device="cpu", batch_size=16, precision="fp32"))
         assert pred.complete
         ref[name] = ([str(i) for i in spots.ids], pred.values, spots.centers_um)
     return ref
@@ -132,8 +130,10 @@ def test_usage_errors_raise_before_any_cluster(cohort, checkpoint, tmp_path):
         dist.batch_predict([cohort["C2"], twin], tmp_path, model_path=checkpoint)
     with pytest.raises(M2ORTError, match="at least 1"):
         dist.batch_predict([cohort["C2"]], tmp_path, model_path=checkpoint, tile_spots=0)
-    assert cli_main(["batch", str(cohort["C2"]), "--out", str(tmp_path),
-                     "--model", str(tmp_path / "nope.safetensors")]) == 2
+    assert (
+        cli_main(["batch", str(cohort["C2"]), "--out", str(tmp_path), "--model", str(tmp_path / "nope.safetensors")])
+        == 2
+    )
 
 
 # --------------------------------------------------------------------- a cohort run
@@ -144,9 +144,18 @@ def first_run(cohort, checkpoint, tmp_path_factory):
     """The default path: batch_predict starts (and closes) its own LocalCluster."""
     out = tmp_path_factory.mktemp("batch_out")
     slides = [cohort["C2"], cohort["bad"], cohort["D1"]]
-    summary = dist.batch_predict(slides, out, model_path=checkpoint, tile_spots=20,
-                                 scheduler="local", workers=2, threads_per_worker=1,
-                                 dashboard_address=":0", progress=False, **SETTINGS)
+    summary = dist.batch_predict(
+        slides,
+        out,
+        model_path=checkpoint,
+        tile_spots=20,
+        scheduler="local",
+        workers=2,
+        threads_per_worker=1,
+        dashboard_address=":0",
+        progress=False,
+        **SETTINGS,
+    )
     return out, summary
 
 
@@ -180,28 +189,50 @@ def test_resume_skips_complete_outputs(first_run, cohort, checkpoint):
     before = {n: os.stat(out / f"{n}.h5ad").st_mtime_ns for n in SECTIONS}
     t = time.perf_counter()
     # both good slides are complete: no cluster is needed for them, only for the bad one
-    summary = dist.batch_predict([cohort["C2"], cohort["D1"]], out, model_path=checkpoint,
-                                 tile_spots=20, progress=False, **SETTINGS)
+    summary = dist.batch_predict(
+        [cohort["C2"], cohort["D1"]], out, model_path=checkpoint, tile_spots=20, progress=False, **SETTINGS
+    )
     assert time.perf_counter() - t < 10
     assert [r.status for r in summary.slides] == ["skipped", "skipped"] and summary.ok
     assert summary.tiles == 0 and summary.spots_predicted == 0
     assert summary["C2"].spots > 0 and summary["C2"].note == "output complete"
     assert {n: os.stat(out / f"{n}.h5ad").st_mtime_ns for n in SECTIONS} == before
     # another setting is another job: its key no longer matches the file's
-    key = dist._job_key(str(cohort["C2"]), {"region": "0,0,1,1"})
-    assert dist._output_complete(out / "C2.h5ad", key) is None
+    key = batch_resume.job_key(str(cohort["C2"]), {"region": "0,0,1,1"})
+    assert batch_resume.output_complete(out / "C2.h5ad", key) is None
 
 
-def test_cli_existing_scheduler_redoes_damaged_output(first_run, cohort, checkpoint, reference,
-                                                      cluster, tmp_path, capsys):
+def test_cli_existing_scheduler_redoes_damaged_output(
+    first_run, cohort, checkpoint, reference, cluster, tmp_path, capsys
+):
     src, _ = first_run
     out = tmp_path / "out"
     shutil.copytree(src, out)
     (out / "D1.h5ad").write_bytes(b"not an h5ad: a crashed copy")
-    rc = cli_main(["batch", str(cohort["C2"]), str(cohort["D1"]), str(cohort["bad"]),
-                   "--out", str(out), "--scheduler", cluster.scheduler.address,
-                   "--region", REGION, "--tile-spots", "25", "--batch-size", "16",
-                   "--model", str(checkpoint), "--device", "cpu", "--precision", "fp32"])
+    rc = cli_main(
+        [
+            "batch",
+            str(cohort["C2"]),
+            str(cohort["D1"]),
+            str(cohort["bad"]),
+            "--out",
+            str(out),
+            "--scheduler",
+            cluster.scheduler.address,
+            "--region",
+            REGION,
+            "--tile-spots",
+            "25",
+            "--batch-size",
+            "16",
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 1  # the unopenable slide
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
@@ -220,7 +251,7 @@ def test_task_errors_retried_then_fail_only_their_slide(cohort, checkpoint, tmp_
     of D1 fails once (-> retried, D1 done)."""
     from distributed import Client, LocalCluster
 
-    real = dist._worker_slide
+    real = worker._worker_slide
     calls = {"C2": 0, "D1": 0}
 
     def flaky(path, mpp):
@@ -232,17 +263,27 @@ def test_task_errors_retried_then_fail_only_their_slide(cohort, checkpoint, tmp_
             raise OSError("network file system hiccup")
         return real(path, mpp)
 
-    monkeypatch.setattr(dist, "_worker_slide", flaky)
+    monkeypatch.setattr(worker, "_worker_slide", flaky)
     try:
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                          dashboard_address=":0") as lc, Client(lc) as client:
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc,
+            Client(lc) as client,
+        ):
             summary = dist.batch_predict(
-                [cohort["C2"], cohort["D1"]], tmp_path, model_path=checkpoint,
-                region="250,250,500,500", tile_spots=2, client=client, retries=1,
-                progress=False, device="cpu", batch_size=16)
+                [cohort["C2"], cohort["D1"]],
+                tmp_path,
+                model_path=checkpoint,
+                region="250,250,500,500",
+                tile_spots=2,
+                client=client,
+                retries=1,
+                progress=False,
+                device="cpu",
+                batch_size=16,
+            )
     finally:
-        dist._SLIDES.clear()
-        dist._MODELS.clear()
+        worker._SLIDES.clear()
+        worker._MODELS.clear()
     c2, d1 = summary["C2"], summary["D1"]
     assert c2.status == "failed" and "tile data damaged" in c2.error and c2.output is None
     assert not (tmp_path / "C2.h5ad").exists()
@@ -290,8 +331,15 @@ def test_killed_worker_tiles_are_retried(cohort, checkpoint, reference, cluster,
     marker = tmp_path / "killed.json"
     cluster.register_plugin(_KillOnce(str(marker)), name=_KillOnce.name)
     try:
-        summary = dist.batch_predict([cohort["D1"]], tmp_path / "out", model_path=checkpoint,
-                                     tile_spots=10, client=cluster, progress=False, **SETTINGS)
+        summary = dist.batch_predict(
+            [cohort["D1"]],
+            tmp_path / "out",
+            model_path=checkpoint,
+            tile_spots=10,
+            client=cluster,
+            progress=False,
+            **SETTINGS,
+        )
     finally:
         cluster.unregister_worker_plugin(_KillOnce.name)
     assert marker.is_file(), "no worker was killed"

@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from .errors import M2ORTError
@@ -21,11 +20,16 @@ def _add_model_opts(p):
     p.add_argument("--precision", default="auto", help="auto|fp32|bf16|fp16")
     p.add_argument("--batch-size", type=int, default=64)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--compile", dest="compile", action="store_const", const="on", default="auto",
-                   help="torch.compile the model: 17-39 s once, then ~1.3x faster in bf16 on CPU "
-                        "(default: only for CPU bf16 jobs of 10,000+ spots)")
-    g.add_argument("--no-compile", dest="compile", action="store_const", const="off",
-                   help="never compile")
+    g.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_const",
+        const="on",
+        default="auto",
+        help="torch.compile the model: 17-39 s once, then ~1.3x faster in bf16 on CPU "
+        "(default: only for CPU bf16 jobs of 10,000+ spots)",
+    )
+    g.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never compile")
 
 
 def _add_region_opts(p):
@@ -77,18 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train or fine-tune on ST sections")
     _add_data_opts(p)
-    p.add_argument("--model", default="bundled", help="bundled | checkpoint path | m2ort_small|base|large | resnet18 (baseline)")
-    p.add_argument("--genes", default="model", help="'model' (keep the model's panel), top:N, or a file with one gene per line")
+    p.add_argument(
+        "--model", default="bundled", help="bundled | checkpoint path | m2ort_small|base|large | resnet18 (baseline)"
+    )
+    p.add_argument(
+        "--genes", default="model", help="'model' (keep the model's panel), top:N, or a file with one gene per line"
+    )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--mode", default="full", choices=["full", "head"])
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="learning rate: constant (the spec's reference) or linear warmup then cosine to 0")
+    p.add_argument(
+        "--schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="learning rate: constant (the spec's reference) or linear warmup then cosine to 0",
+    )
     p.add_argument("--warmup", type=float, default=0.0, help="warmup epochs (linear ramp of the lr)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay")
     p.add_argument("--val", default="blocks", help="'blocks' (held-out spatial blocks), 'none', or a section name")
-    p.add_argument("--train-mpp", type=float, default=None, help="µm/px the model works at (default: the model's, or 0.69)")
+    p.add_argument(
+        "--train-mpp", type=float, default=None, help="µm/px the model works at (default: the model's, or 0.69)"
+    )
     p.add_argument("--tied-kv", action="store_true")
     p.add_argument("--color-jitter", type=float, default=0.0)
     p.add_argument("--no-rotate", action="store_true")
@@ -141,6 +155,7 @@ def _run(job, label=""):
 
 # ------------------------------------------------------------------ commands
 
+
 def cmd_convert(args) -> int:
     from .io.convert import convert_to_ome_tiff
 
@@ -150,64 +165,77 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def load_model_arg(spec: str, device: str = "cpu"):
-    from .model.weights import load_bundled, load_checkpoint
+def _predict_request(args, slide, **extra):
+    from .pipelines import PredictRequest, parse_region
 
-    if spec == "bundled":
-        return load_bundled(device=device)
-    path = Path(spec)
-    if path.suffix == ".safetensors" or path.exists():
-        if not path.exists():
-            raise M2ORTError(f"{path}: no such model file.")
-        return load_checkpoint(path, device=device)
-    raise M2ORTError(f"--model {spec!r}: give 'bundled' or the path of a .safetensors checkpoint.")
-
-
-def spots_for_slide(slide, args):
-    from .spots import layout_spots, restrict_to_tissue, tissue_mask
-
-    if args.region:
-        try:
-            region = [float(v) for v in args.region.split(",")]
-        except ValueError:
-            raise M2ORTError(f"--region {args.region!r}: give four numbers x0,y0,x1,y1 in µm.") from None
-        if len(region) != 4:
-            raise M2ORTError(f"--region {args.region!r}: give four numbers x0,y0,x1,y1 in µm.")
-    else:
-        h, w = slide.size_um
-        region = [0.0, 0.0, w, h]
-    spots = layout_spots(region, args.layout, args.pitch, args.diameter, slide_size_um=slide.size_um)
-    if args.tissue:
-        spots = restrict_to_tissue(spots, tissue_mask(slide))
-    if len(spots) == 0:
-        raise M2ORTError("The region holds no spot centres: make it larger than the spot pitch.")
-    return spots
+    region = parse_region(args.region)
+    return PredictRequest(
+        slide=slide,
+        model=args.model,
+        regions=None if region is None else [region],
+        layout=args.layout,
+        pitch_um=args.pitch,
+        diameter_um=args.diameter,
+        tissue_only=args.tissue,
+        mpp=args.mpp,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        compile=args.compile,
+        **extra,
+    )
 
 
 def cmd_predict(args) -> int:
-    from .inference import predict
-    from .io.export import prediction_to_anndata, write_h5ad
+    from .io.export import write_h5ad
     from .io.slides import open_slide
+    from .pipelines import plan_slide, run_plan
+    from .progress import run_to_end
 
     slide = open_slide(args.slide, mpp=args.mpp)
-    model, card = load_model_arg(args.model)
-    spots = spots_for_slide(slide, args)
-    print(f"{slide.path.name}: {len(spots)} spots ({spots.layout}, {spots.diameter_um:g} µm)")
-    pred = _run(predict(slide, spots.centers_um, model, card, device=args.device,
-                        batch_size=args.batch_size, precision=args.precision,
-                        compile=args.compile))
-    adata = prediction_to_anndata(pred, card, slide, spots)
-    out = write_h5ad(adata, args.out)
-    print(f"wrote {out}: {pred.n_done} spots × {len(card.genes)} genes, "
-          f"{pred.info['spots_per_s']:.1f} spots/s on {pred.info['device']}"
-          + (" (compiled)" if pred.info.get("compiled") else ""))
+    try:
+        request = _predict_request(args, slide)
+        plan = run_to_end(plan_slide(request))
+        spots, card = plan.spots, plan.card
+        print(f"{slide.path.name}: {len(spots)} spots ({spots.layout}, {spots.diameter_um:g} µm)")
+        result = _run(run_plan(plan, request))
+    finally:
+        slide.close()
+    pred = result.prediction
+    out = write_h5ad(result.to_anndata(), args.out)
+    print(
+        f"wrote {out}: {pred.n_done} spots × {len(card.genes)} genes, "
+        f"{pred.info['spots_per_s']:.1f} spots/s on {pred.info['device']}"
+        + (" (compiled)" if pred.info.get("compiled") else "")
+    )
     return 0
 
 
 def cmd_batch(args) -> int:
-    from .distributed import run_batch
+    """0 if every slide succeeded or was complete already, else 1."""
+    from .distributed import batch_predict
 
-    return run_batch(args)
+    summary = batch_predict(
+        args.slides,
+        args.out,
+        model_path=args.model,
+        region=args.region,
+        tissue=args.tissue,
+        layout=args.layout,
+        pitch=args.pitch,
+        diameter=args.diameter,
+        mpp=args.mpp,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        tile_spots=args.tile_spots,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        compile=args.compile,
+    )
+    print(summary.table())
+    return summary.exit_code
 
 
 def load_sections(args) -> list:
@@ -237,47 +265,60 @@ def load_sections(args) -> list:
 
 
 def cmd_train(args) -> int:
-    from .training import TrainConfig, prepare_section, spatial_block_split, train
-    from . import train_setup
+    from .io.export import atomic_write_text
+    from .pipelines import FineTuneRequest, fine_tune, is_baseline
+    from .training import TrainConfig
 
     sections = load_sections(args)
-    model, card = train_setup.model_and_card(args, sections)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cached = [_run(prepare_section(s, card.genes, card.mpp, cache_dir=args.cache)) for s in sections]
-    train_sets, val_sets = train_setup.split(cached, args.val, args.seed)
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, mode=args.mode,
-                      device=args.device, precision=args.precision, seed=args.seed,
-                      color_jitter=args.color_jitter, rotate=not args.no_rotate, schedule=args.schedule,
-                      warmup_epochs=args.warmup, weight_decay=args.weight_decay)
-    from .train_setup import CNN_BACKBONES
-    from .io.export import atomic_write_text
-
-    baseline = card.variant in CNN_BACKBONES
-    if baseline:
-        print(f"{card.variant} is an evaluation baseline: its weights are not saved, only history.json.")
-    ckpt = None if baseline else out / "model.safetensors"
-    res = _run(train(model, card, train_sets, val_sets, cfg, out_path=ckpt))
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+        color_jitter=args.color_jitter,
+        rotate=not args.no_rotate,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup,
+        weight_decay=args.weight_decay,
+    )
+    if is_baseline(args.model):
+        print(f"{args.model} is an evaluation baseline: its weights are not saved, only history.json.")
+    request = FineTuneRequest(
+        sections,
+        model=args.model,
+        genes=args.genes,
+        val=args.val,
+        config=cfg,
+        out_path=out / "model.safetensors",
+        train_mpp=args.train_mpp,
+        tied_kv=args.tied_kv,
+        cache_dir=args.cache,
+    )
+    res = _run(fine_tune(request))
     atomic_write_text(out / "history.json", json.dumps(res.history, indent=2, default=float))
     print(f"best epoch {res.best_epoch}: {json.dumps(res.best_metrics, default=float)}")
-    if ckpt is not None:
-        print(f"wrote {ckpt} ({res.seconds:.0f} s)")
+    if res.checkpoint is not None:
+        print(f"wrote {res.checkpoint} ({res.seconds:.0f} s)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .training import evaluate_cached, prepare_section
     from .io.export import atomic_write_text
+    from .pipelines import EvaluateRequest, evaluate
 
     sections = load_sections(args)
-    model, card = load_model_arg(args.model)
-    cached = [_run(prepare_section(s, card.genes, card.mpp, cache_dir=args.cache, allow_missing=True))
-              for s in sections]
-    mean = getattr(card, "target_mean", None)
-    res = evaluate_cached(model, cached, mean, device=args.device if args.device != "auto" else "cpu",
-                          precision=args.precision)
-    res["sections"] = [s.name for s in sections]
-    res["model"] = str(args.model)
+    res = _run(
+        evaluate(
+            EvaluateRequest(
+                sections, model=args.model, device=args.device, precision=args.precision, cache_dir=args.cache
+            )
+        )
+    )
     atomic_write_text(args.out, json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if k != "per_gene"}, indent=2))
     return 0
@@ -286,12 +327,16 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args)
+    return run_demo(args.out, gene=args.gene, spots=args.spots, device=args.device, model=args.model)
 
 
 COMMANDS = {
-    "convert": cmd_convert, "predict": cmd_predict, "batch": cmd_batch, "train": cmd_train,
-    "evaluate": cmd_evaluate, "demo": cmd_demo,
+    "convert": cmd_convert,
+    "predict": cmd_predict,
+    "batch": cmd_batch,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
 }
 
 if __name__ == "__main__":

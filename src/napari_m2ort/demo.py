@@ -23,8 +23,8 @@ import numpy as np
 
 from .errors import M2ORTError
 
-
 # ------------------------------------------------------------------ display
+
 
 def _free_display() -> int:
     for n in range(99, 400):
@@ -48,8 +48,9 @@ def virtual_display(size: str = "1600x1200x24"):
             "Xvfb (e.g. apt-get install xvfb), or run it under xvfb-run -a."
         )
     n = _free_display()
-    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", size, "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [xvfb, f":{n}", "-screen", "0", size, "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     sock = Path(f"/tmp/.X11-unix/X{n}")
     deadline = time.monotonic() + 15
     while not sock.exists():
@@ -75,13 +76,14 @@ def virtual_display(size: str = "1600x1200x24"):
 
 # ------------------------------------------------------------------ region choice
 
+
 def tissue_rich_region(slide_layer, n_spots: int, pitch_um: float = 100.0) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) µm of a square holding about ``n_spots`` hex spots, where the
     tissue is densest (tissue mask of the slide, box-filtered)."""
     from scipy import ndimage
 
+    from .io.slides.layer import LayerSlide, layer_mpp
     from .spots import tissue_mask
-    from .widgets._layers import LayerSlide, layer_mpp
 
     mpp, source = layer_mpp(slide_layer)
     path = (slide_layer.metadata or {}).get("path")
@@ -102,6 +104,7 @@ def tissue_rich_region(slide_layer, n_spots: int, pitch_um: float = 100.0) -> tu
 
 # ------------------------------------------------------------------ the demo
 
+
 def _wait(app, predicate, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -112,11 +115,12 @@ def _wait(app, predicate, timeout: float) -> None:
     app.processEvents()
 
 
-def _run(args, out: Path) -> int:
+def _run(out: Path, gene: str | None, n_spots: int, device: str, model: str) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    n_spots = int(getattr(args, "spots", 100) or 100)
+    from .pipelines import BUNDLED, checkpoint_path
+
     t_start = time.perf_counter()
     viewer = napari.Viewer(show=True, title="napari-m2ort demo")
     try:
@@ -124,17 +128,15 @@ def _run(args, out: Path) -> int:
         app = QApplication.instance()
         viewer.open_sample("napari-m2ort", "her2st_c2")
         _, widget = viewer.window.add_plugin_dock_widget("napari-m2ort", "Predict expression")
-        model = getattr(args, "model", None)
-        if model and model != "bundled":
-            widget.add_checkpoint(model)
+        if model != BUNDLED:
+            widget.add_checkpoint(str(checkpoint_path(model)))
         if widget.model_spec() is None:
-            from .model.weights import load_bundled
-
-            load_bundled()  # raises the clear "bundled weights missing" error
-        device = getattr(args, "device", "auto") or "auto"
+            checkpoint_path(BUNDLED)  # raises the clear "bundled weights missing" error
         if widget.device_combo.findText(device) < 0:
-            raise M2ORTError(f"--device {device}: not available here (use one of "
-                             f"{', '.join(widget.device_combo.itemText(i) for i in range(widget.device_combo.count()))}).")
+            raise M2ORTError(
+                f"--device {device}: not available here (use one of "
+                f"{', '.join(widget.device_combo.itemText(i) for i in range(widget.device_combo.count()))})."
+            )
         widget.device_combo.setCurrentText(device)
         widget.layout_combo.setCurrentIndex(widget.layout_combo.findData("visium"))
         widget.tissue_check.setChecked(True)
@@ -161,10 +163,11 @@ def _run(args, out: Path) -> int:
         if layer is None or not len(layer.data):
             raise M2ORTError("The demo predicted no spots.")
         genes = list(layer.features.columns)
-        gene = getattr(args, "gene", None) or ("ERBB2" if "ERBB2" in genes else genes[0])
+        gene = gene or ("ERBB2" if "ERBB2" in genes else genes[0])
         if gene not in genes:
-            raise M2ORTError(f"--gene {gene}: not in the model's panel ({len(genes)} genes, e.g. "
-                             f"{', '.join(genes[:5])}).")
+            raise M2ORTError(
+                f"--gene {gene}: not in the model's panel ({len(genes)} genes, e.g. {', '.join(genes[:5])})."
+            )
         widget.set_gene(gene)
         # zoom onto the region, with a margin
         h, w = viewer.canvas.size
@@ -184,24 +187,28 @@ def _run(args, out: Path) -> int:
         print(f"wrote {h5ad}")
         print(f"wrote {png}")
         print(f"spots: {len(layer.data)} predicted ({run.get('device', '?')}), gene shown: {gene}")
-        print(f"time from Predict to overlay: {t_overlay:.1f} s "
-              f"(prediction {run.get('seconds', float('nan')):.1f} s, "
-              f"{run.get('spots_per_s') or float('nan'):.1f} spots/s; viewer and sample opened in {t_load:.1f} s)")
+        print(
+            f"time from Predict to overlay: {t_overlay:.1f} s "
+            f"(prediction {run.get('seconds', float('nan')):.1f} s, "
+            f"{run.get('spots_per_s') or float('nan'):.1f} spots/s; viewer and sample opened in {t_load:.1f} s)"
+        )
         return 0
     finally:
         viewer.close()
 
 
-def run_demo(args) -> int:
-    out = Path(getattr(args, "out", "demo_out") or "demo_out")
+def run_demo(
+    out="demo_out", gene: str | None = None, spots: int = 100, device: str = "auto", model: str = "bundled"
+) -> int:
+    """Run the demo into folder ``out``: about ``spots`` Visium spots, showing ``gene``."""
+    out = Path(out or "demo_out")
     out.mkdir(parents=True, exist_ok=True)
     import napari_m2ort  # noqa: F401  (torch before Qt)
 
-    model = getattr(args, "model", None)
-    if not model or model == "bundled":
-        from .model.weights import BUNDLED_PATH, load_bundled
+    from .pipelines import checkpoint_path
 
-        if not Path(BUNDLED_PATH).is_file():
-            load_bundled()  # fail fast, before any window: the clear "weights missing" error
+    model = str(model or "bundled")
+    if checkpoint_path(model) is None:  # fails fast, before any window, for a missing file
+        raise M2ORTError(f"--model {model}: the demo needs trained weights ('bundled' or a .safetensors file).")
     with virtual_display():
-        return _run(args, out)
+        return _run(out, gene, int(spots or 100), device or "auto", model)
