@@ -42,6 +42,18 @@ def test_manifest_command_resolves():
     assert getattr(importlib.import_module(module), func) is sample_data.her2st_sample
 
 
+def test_manifest_python_names_import():
+    """Every npe2 command points at something importable (readers/writers live in io.napari)."""
+    import napari_m2ort
+
+    manifest = yaml.safe_load(
+        (importlib.resources.files(napari_m2ort) / "napari.yaml").read_text(encoding="utf-8")
+    )
+    for cmd in manifest["contributions"]["commands"]:
+        module, func = cmd["python_name"].split(":")
+        assert callable(getattr(importlib.import_module(module), func)), cmd["id"]
+
+
 def test_her2st_sample_layers_align():
     pytest.importorskip("napari_m2ort.io.slides")
     import warnings

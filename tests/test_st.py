@@ -17,8 +17,7 @@ from PIL import Image
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.io import st
 from napari_m2ort.io.st import STDataWarning
-
-Image.MAX_IMAGE_PIXELS = None
+from napari_m2ort.slide import open_image
 
 
 def _quiet(fn, *args, **kwargs):
@@ -29,7 +28,7 @@ def _quiet(fn, *args, **kwargs):
 
 def _brightness(image, max_px=1400) -> tuple[np.ndarray, float]:
     """Grey image decoded at reduced size (JPEG draft mode), and its downsample factor."""
-    im = Image.open(image)
+    im = open_image(image)  # the bomb guard lifted for this open only
     w = im.size[0]
     im.draft("RGB", (max_px, max_px))
     im = im.convert("RGB")
@@ -194,6 +193,14 @@ def test_points_layer_data(c2):
 
     layer = napari.layers.Points(data, **kw)
     assert layer.features.shape == (187, 2)
+
+
+def test_pillow_guard_stays_on(c2, monkeypatch):
+    """Reading a slide-sized JPEG lifts Pillow's bomb guard for that header parse only."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # other test modules may lift it
+    w, h = st.image_size(c2.image_path)
+    assert w * h > 2 * 1000  # would raise DecompressionBombError under the guard
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_napari_get_reader_dispatch(shared_data, tmp_path):
