@@ -23,6 +23,7 @@ from .devices import resolve_device, resolve_precision
 from .errors import M2ORTError
 from .patches import model_inputs, sample_spots, spatial_order
 from .progress import Job, Progress
+from .tta import OUTPUT_RULE, check_smooth_um, check_tta, n_views, smooth, view
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Prediction:
     outside: np.ndarray  # (N,) bool
     blank: np.ndarray  # (N,) bool
     info: dict = field(default_factory=dict)
+    #: (N, G) float32 spread (std) across the test-time views; None without TTA
+    uncertainty: Optional[np.ndarray] = None
 
     @property
     def n_done(self) -> int:
@@ -56,13 +59,21 @@ def predict(
     prefetch: int = 2,
     compile: bool | str = False,
     job_spots: Optional[int] = None,
+    tta: str = "none",
+    smooth_um: float = 0.0,
 ) -> Job[Prediction]:
     """``compile=True`` runs the model through ``torch.compile`` (see ``compiled``): 17-39 s
     once per model and settings, then ~1.3x faster than eager bf16 on an AVX512-BF16 CPU;
     worth it for large jobs only, which is what ``"auto"`` picks. Skipped for float32 on
     CPU (no faster there); falls back to eager, with a warning, where compiling fails.
     ``job_spots``: the size of the whole job this call is one part of (a dask tile of a
-    slide), for ``"auto"``; default: these spots."""
+    slide), for ``"auto"``; default: these spots.
+    ``tta`` ("none", "flips", "dihedral") averages the model over flipped / rotated views
+    of each patch and reports their spread as ``uncertainty``; ``smooth_um`` (Gaussian
+    sigma in µm, 0 = off) then smooths the finished predictions over neighbouring
+    predicted spots (see ``tta``). Progress events carry the unsmoothed batch values."""
+    tta = check_tta(tta)
+    smooth_um = check_smooth_um(smooth_um)
     centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
     n, genes = len(centers_um), list(card.genes)
     if n == 0:
@@ -81,6 +92,7 @@ def predict(
     done = np.zeros(n, dtype=bool)
     outside = np.zeros(n, dtype=bool)
     blank = np.zeros(n, dtype=bool)
+    spread = np.full((n, len(genes)), np.nan, dtype=np.float32) if tta != "none" else None
     compile, why_not = decide(compile, dev, amp, n if job_spots is None else job_spots)
     if why_not:
         warnings.warn(why_not, stacklevel=2)
@@ -114,8 +126,10 @@ def predict(
             if next_batch < len(batches):
                 pending.append(pool.submit(load, batches[next_batch]))
                 next_batch += 1
-            out, bs = _forward_adaptive(forward_for, patches.level1, dev, amp, bs)
+            out, sd, bs = _forward_adaptive(forward_for, patches.level1, dev, amp, bs, tta)
             values[idx] = out
+            if spread is not None:
+                spread[idx] = sd
             done[idx] = True
             outside[idx] = patches.outside
             blank[idx] = patches.blank
@@ -129,6 +143,8 @@ def predict(
                 for f in pending:
                     f.cancel()
                 break
+    if smooth_um > 0:
+        values = smooth(values, centers_um, smooth_um, use=done & ~outside & ~blank)
     elapsed = time.perf_counter() - t0
     nb = int(blank[done].sum())
     if nb:
@@ -142,8 +158,9 @@ def predict(
         "batch_size": bs, "seconds": elapsed, "stopped": stopped,
         "compiled": _compiled_throughout(forwards),
         "spots_per_s": float(done.sum()) / elapsed if elapsed > 0 else float("nan"),
+        "tta": tta, "smooth_um": smooth_um, "output": OUTPUT_RULE,
     }
-    return Prediction(centers_um, values, done, genes, outside, blank, info)
+    return Prediction(centers_um, values, done, genes, outside, blank, info, spread)
 
 
 def _compiled_throughout(forwards: dict) -> bool:
@@ -151,17 +168,19 @@ def _compiled_throughout(forwards: dict) -> bool:
     return bool(forwards) and all(is_compiled(f) for f in forwards.values())
 
 
-def _forward_adaptive(forward_for, level1, dev, amp, batch_size):
+def _forward_adaptive(forward_for, level1, dev, amp, batch_size, tta="none"):
     """Forward in chunks of ``batch_size``; halve it on GPU out-of-memory and go on.
 
     ``forward_for(bs)`` gives the callable for batch size ``bs`` (a compiled forward is
-    built for one batch size)."""
-    outs = []
+    built for one batch size). Returns (mean over views, std over views or None, bs)."""
+    outs, sds = [], []
     i = 0
     while i < len(level1):
         chunk = level1[i : i + batch_size]
         try:
-            outs.append(forward_batch(forward_for(batch_size), chunk, dev, amp))
+            m, sd = forward_views(forward_for(batch_size), chunk, dev, amp, tta)
+            outs.append(m)
+            sds.append(sd)
             i += len(chunk)
         except torch.cuda.OutOfMemoryError:
             if batch_size <= 1:
@@ -169,7 +188,17 @@ def _forward_adaptive(forward_for, level1, dev, amp, batch_size):
             torch.cuda.empty_cache()
             batch_size = max(1, batch_size // 2)
             warnings.warn(f"GPU out of memory: continuing with batch size {batch_size}.", stacklevel=2)
-    return np.concatenate(outs, axis=0), batch_size
+    sd = np.concatenate(sds, axis=0) if sds and sds[0] is not None else None
+    return np.concatenate(outs, axis=0), sd, batch_size
+
+
+def forward_views(model, level1_uint8, dev, amp=None, tta: str = "none"):
+    """Mean (clipped at 0) and std over the test-time views of each patch."""
+    k = n_views(tta)
+    if k == 1:
+        return np.maximum(forward_batch(model, level1_uint8, dev, amp), 0.0), None
+    outs = np.stack([np.maximum(forward_batch(model, view(level1_uint8, v), dev, amp), 0.0) for v in range(k)])
+    return outs.mean(axis=0), outs.std(axis=0)
 
 
 @torch.inference_mode()

@@ -156,8 +156,15 @@ def evaluate(pred, true, genes: Sequence[str], train_mean=None) -> dict:
         mean_true = np.nanmean(np.where(np.isfinite(t), t, np.nan), axis=0)
         mean_pred = np.nanmean(np.where(np.isfinite(p), p, np.nan), axis=0)
 
+    from .targets import MARKERS
+
+    gene_pcc = dict(zip(genes, per_gene))
+    markers = {g: _num(gene_pcc[g]) for g in MARKERS if g in gene_pcc}
+    marker_vals = [v for v in markers.values() if v is not None]
     return {
         "pcc_gene_mean": _num(finite.mean()) if finite.size else None,
+        "pcc_markers": markers,
+        "pcc_markers_mean": _num(np.mean(marker_vals)) if marker_vals else None,
         "pcc_gene_top50": _num(top.mean()) if top.size else None,
         "pcc_gene_top50_rule": TOP50_RULE if finite.size >= 50 else
         f"{TOP50_RULE}; only {finite.size} genes have a defined PCC, so all of them",

@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["normalize_counts", "select_panel", "panel_indices", "PANEL_RULE", "PANEL_RULES", "TARGET_RULE"]
+__all__ = ["normalize_counts", "select_panel", "panel_indices", "PANEL_RULE", "PANEL_RULES", "TARGET_RULE",
+           "MARKERS", "MARKER_PANEL_RULE"]
 
 TARGET_RULE = (
     "y = log1p(counts * 1e6 / total), counts = raw counts of the panel genes, total = sum of "
@@ -26,7 +27,20 @@ PANEL_RULE = (
     "and then over sections with equal weight, among genes measured in every section; "
     "ties broken by gene name; no gene families excluded"
 )
-PANEL_RULES = {"mean_log1p_cpm": PANEL_RULE}
+#: Genes a HER2+ pathologist looks at first: the HER2 amplicon, luminal epithelium,
+#: stroma and immune cells. Forced into the panel so they are always predicted and
+#: always reported (``pcc_markers`` in metrics.json).
+MARKERS = ["ERBB2", "GRB7", "KRT19", "SCGB2A2", "CD24", "COL1A1", "COL3A1", "FN1", "LUM", "MGP",
+           "IGKC", "IGHG3", "IGHA1", "CD74", "HLA-DRA"]
+
+MARKER_PANEL_RULE = (
+    "markers+mean_log1p_cpm: the marker genes " + ", ".join(MARKERS) + " (those measured in every "
+    "section), then the remaining genes with the highest mean log1p(CPM) (CPM per spot over all "
+    "measured genes; spots with no counts skipped), averaged over the spots of each section and "
+    "then over sections with equal weight, among genes measured in every section; ties broken "
+    "by gene name; no gene families excluded"
+)
+PANEL_RULES = {"mean_log1p_cpm": PANEL_RULE, "markers+mean_log1p_cpm": MARKER_PANEL_RULE}
 
 
 def as_csr(counts) -> sp.csr_matrix:
@@ -108,4 +122,9 @@ def select_panel(sections, n: int = 250, rule: str = "mean_log1p_cpm") -> list[s
     names = sorted(common)
     score = np.mean([[d[g] for g in names] for d in per_section], axis=0)
     order = np.lexsort((np.array(names, dtype=object).astype(str), -score))
-    return [names[i] for i in order[: int(n)]]
+    ranked = [names[i] for i in order]
+    if rule == "markers+mean_log1p_cpm":
+        forced = [g for g in MARKERS if g in common]
+        rest = [g for g in ranked if g not in set(forced)]
+        return (forced + rest)[: int(n)]
+    return ranked[: int(n)]

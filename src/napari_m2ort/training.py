@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import augment_level1
+from .augment import GEOMETRIES, STAINS, augment_level1, dihedral_level1, hed_jitter
 from .devices import resolve_device, resolve_precision
 from .errors import M2ORTError
+from .losses import CountLoss
 from .progress import Job, Progress
 
 
@@ -39,13 +40,17 @@ class CachedSection:
     centers_um: np.ndarray  # (N, 2)
     genes: list
     genes_missing: list = field(default_factory=list)
+    counts: Optional[np.ndarray] = None  # (N, G) float32 raw panel counts (count losses)
+    depth: Optional[np.ndarray] = None  # (N,) float32 panel counts per spot
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, mask: np.ndarray, suffix: str = "") -> "CachedSection":
         return CachedSection(self.name + suffix, self.level1[mask], self.y[mask],
-                             self.centers_um[mask], self.genes, self.genes_missing)
+                             self.centers_um[mask], self.genes, self.genes_missing,
+                             None if self.counts is None else self.counts[mask],
+                             None if self.depth is None else self.depth[mask])
 
 
 @dataclass
@@ -58,8 +63,13 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     mode: str = "full"  # "full" | "head"
     augment: bool = True
-    rotate: bool = True
+    rotate: bool = True  # legacy switch: False means geometry "flips"
+    geometry: str = "rotate"  # "rotate" (spec: any angle, white fill) | "dihedral" | "flips" | "none"
     color_jitter: float = 0.0
+    stain: str = "rgb"  # colour augmentation of amplitude color_jitter: "rgb" gains | "hed" stain OD
+    loss: str = "mse"  # see losses.LOSSES
+    depth_k: float = 1000.0  # mse_depth: weight depth / (depth + k)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
     device: str = "auto"
     precision: str = "fp32"
     seed: int = 0
@@ -77,6 +87,7 @@ class TrainResult:
     stopped: bool
     epochs_done: int
     seconds: float
+    fit: dict = field(default_factory=dict)  # per training section: PCC-gene on its training spots
 
 
 # ---------------------------------------------------------------- data preparation
@@ -115,6 +126,8 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
         y = y[keep]
     if not np.all(keep):
         warnings.warn(f"{section.name}: {int((~keep).sum())} spots with no panel counts were dropped.", stacklevel=2)
+    panel_counts = panel[keep].astype(np.float32)
+    depth = panel_counts.sum(axis=1)
     centers = section_centers_um(section)[keep]
     if section.image_path is None:
         raise M2ORTError(f"{section.name}: no image is paired with these spots; give the H&E image.")
@@ -128,7 +141,7 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
         if cache_file.exists():
             level1 = np.load(cache_file, mmap_mode=None)
             yield Progress("patches", len(centers), len(centers), f"{section.name}: cached")
-            return CachedSection(section.name, level1, y, centers, list(genes), missing)
+            return CachedSection(section.name, level1, y, centers, list(genes), missing, panel_counts, depth)
     slide = open_slide(section.image_path, mpp=section.mpp)
     n = len(centers)
     level1 = np.empty((n, 224, 224, 3), dtype=np.uint8)
@@ -142,7 +155,7 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, level1)
         os.replace(tmp, cache_file)
-    return CachedSection(section.name, level1, y, centers, list(genes), missing)
+    return CachedSection(section.name, level1, y, centers, list(genes), missing, panel_counts, depth)
 
 
 def _dense(x) -> np.ndarray:
@@ -177,12 +190,19 @@ def spatial_block_split(centers_um: np.ndarray, block_um: float = 1000.0, val_fr
 
 # ---------------------------------------------------------------- batches
 
-def _inputs(level1_uint8: np.ndarray, dev, augment: bool, rotate: bool, jitter: float,
-            gen: Optional[torch.Generator]):
+def _inputs(level1_uint8: np.ndarray, dev, augment: bool, rotate, jitter: float,
+            gen: Optional[torch.Generator], stain: str = "rgb"):
+    """``rotate``: a geometry name (see TrainConfig.geometry) or the legacy bool."""
+    geometry = rotate if isinstance(rotate, str) else ("rotate" if rotate else "flips")
     x = torch.from_numpy(level1_uint8).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
     if augment:
-        x = augment_level1(x, gen, rotate=rotate)
-        if jitter > 0:
+        if geometry == "rotate":
+            x = augment_level1(x, gen, rotate=True)
+        elif geometry in ("dihedral", "flips"):
+            x = dihedral_level1(x, gen, turns=geometry == "dihedral")
+        if jitter > 0 and stain == "hed":
+            x = hed_jitter(x, jitter, gen)
+        elif jitter > 0 and stain == "rgb":
             b = x.shape[0]
             gain = 1.0 + (torch.rand(b, 3, 1, 1, generator=gen) * 2 - 1).to(dev) * jitter
             bias = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1).to(dev) * jitter * 0.5
@@ -190,34 +210,78 @@ def _inputs(level1_uint8: np.ndarray, dev, augment: bool, rotate: bool, jitter: 
     return x.contiguous(), F.avg_pool2d(x, 2).contiguous(), F.avg_pool2d(x, 4).contiguous()
 
 
-@torch.inference_mode()
 def predict_cached(model, level1: np.ndarray, device="cpu", precision: str = "fp32",
-                   batch_size: int = 64) -> np.ndarray:
+                   batch_size: int = 64, tta: str = "none", with_spread: bool = False):
+    """The same forward as ``inference.predict`` (clipped at 0, same views), on cached
+    patches, so evaluation scores exactly what prediction shows."""
+    from .inference import forward_views
+
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     amp = resolve_precision(precision, dev)
     model.eval()
-    outs = []
+    outs, sds = [], []
     for i in range(0, len(level1), batch_size):
-        l1, l2, l3 = _inputs(level1[i : i + batch_size], dev, False, False, 0.0, None)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            outs.append(model(l1, l2, l3).float().cpu().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+        m, sd = forward_views(model, level1[i : i + batch_size], dev, amp, tta)
+        outs.append(m)
+        sds.append(sd)
+    pred = np.concatenate(outs).astype(np.float32) if outs else np.zeros((0, 0), np.float32)
+    if not with_spread:
+        return pred
+    spread = np.concatenate(sds).astype(np.float32) if sds and sds[0] is not None else None
+    return pred, spread
 
 
 def evaluate_cached(model, sections: Sequence[CachedSection], train_mean: Optional[np.ndarray],
-                    device="cpu", precision="fp32", batch_size: int = 64) -> dict:
+                    device="cpu", precision="fp32", batch_size: int = 64, tta: str = "none",
+                    smooth_um: float = 0.0, with_predictions: bool = False) -> dict:
+    """Metrics over the spots of ``sections`` (pooled). ``tta``/``smooth_um`` as in
+    ``inference.predict``; smoothing runs within each section, never across them."""
     from .metrics import evaluate
+    from .tta import smooth
 
-    level1 = np.concatenate([s.level1 for s in sections])
+    preds, spreads = [], []
+    for s in sections:
+        p, sd = predict_cached(model, s.level1, device, precision, batch_size, tta, with_spread=True)
+        if smooth_um > 0:
+            p = smooth(p, s.centers_um, smooth_um)
+        preds.append(p)
+        spreads.append(sd)
+    pred = np.concatenate(preds)
     true = np.concatenate([s.y for s in sections])
-    pred = predict_cached(model, level1, device, precision, batch_size)
     genes = sections[0].genes
     missing = set().union(*[set(s.genes_missing) for s in sections])
     keep = np.array([g not in missing for g in genes])
     res = evaluate(pred[:, keep], true[:, keep], [g for g, k in zip(genes, keep) if k],
                    train_mean=None if train_mean is None else np.asarray(train_mean)[keep])
     res["genes_missing"] = sorted(missing)
+    res["tta"], res["smooth_um"] = tta, float(smooth_um)
+    if with_predictions:
+        res["_pred"] = pred
+        res["_spread"] = None if spreads[0] is None else np.concatenate(spreads)
+        res["_true"] = true
     return res
+
+
+def evaluate_sections(model, sections: Sequence[CachedSection], train_mean: Optional[np.ndarray],
+                      device="cpu", precision="fp32", batch_size: int = 64) -> dict:
+    """Each section scored on its own spots, then averaged over sections.
+
+    Pooling spots of different sections into one PCC-gene mostly measures which section
+    a spot comes from (their depth and composition differ), so it cannot choose an epoch
+    or a recipe; the mean of per-section scores can."""
+    per = {}
+    for s in sections:
+        if len(s) < 3:
+            continue
+        m = evaluate_cached(model, [s], train_mean, device, precision, batch_size)
+        per[s.name] = {k: v for k, v in m.items() if k != "per_gene"}
+    out: dict = {"per_section": per, "aggregate": "mean over sections of each section's own metric"}
+    for key in ("pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean", "pcc_spot_mean_baseline",
+                "rmse_mean", "rmse_mean_baseline"):
+        vals = [v[key] for v in per.values() if v.get(key) is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+    out["n_spots"] = int(sum(v["n_spots"] for v in per.values()))
+    return out
 
 
 # ---------------------------------------------------------------- the loop
@@ -245,6 +309,18 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
     model = model.to(dev)
     level1 = np.concatenate([s.level1 for s in train_sets])
     y = torch.from_numpy(np.concatenate([s.y for s in train_sets]).astype(np.float32))
+    geometry = cfg.geometry if cfg.rotate or cfg.geometry != "rotate" else "flips"
+    if geometry not in GEOMETRIES:
+        raise M2ORTError(f"Unknown augmentation geometry {cfg.geometry!r}: use one of {', '.join(GEOMETRIES)}.")
+    if cfg.stain not in STAINS:
+        raise M2ORTError(f"Unknown stain augmentation {cfg.stain!r}: use one of {', '.join(STAINS)}.")
+    criterion = CountLoss(cfg.loss, len(genes), cfg.depth_k).to(dev)
+    counts = depth = None
+    if criterion.needs_counts:
+        if any(s.counts is None for s in train_sets):
+            raise M2ORTError(f"The {cfg.loss!r} loss needs raw panel counts; prepare the sections again.")
+        counts = torch.from_numpy(np.concatenate([s.counts for s in train_sets]).astype(np.float32))
+        depth = torch.from_numpy(np.concatenate([s.depth for s in train_sets]).astype(np.float32))
     train_mean = y.mean(0).numpy()
     if card.target_mean is None:
         # A new head starts at the training mean profile rather than at zero: targets are
@@ -259,7 +335,7 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             p.requires_grad_(True)
     elif cfg.mode != "full":
         raise M2ORTError(f"Unknown fine-tuning mode {cfg.mode!r}: use 'full' or 'head'.")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + list(criterion.parameters())
     # AdamW: with weight_decay 0 (the spec's default) it is exactly Adam; with decay it
     # is the decoupled form transformers are tuned with.
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -269,6 +345,7 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     history: list[dict] = []
     best_score, best_epoch, best_metrics, best_state = -np.inf, -1, {}, None
+    ema = _Ema(model, cfg.ema) if cfg.ema > 0 else None
     stopped = False
     t0 = time.perf_counter()
     step = 0
@@ -286,21 +363,25 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             idx = np.sort(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
             if len(idx) == 0:
                 continue
-            l1, l2, l3 = _inputs(level1[idx], dev, cfg.augment, cfg.rotate, cfg.color_jitter, gen)
+            l1, l2, l3 = _inputs(level1[idx], dev, cfg.augment, geometry, cfg.color_jitter, gen, cfg.stain)
             target = y[idx].to(dev)
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 pred = model(l1, l2, l3)
-            loss = F.mse_loss(pred.float(), target)
+            loss = criterion(pred, target, None if counts is None else counts[idx].to(dev),
+                             None if depth is None else depth[idx].to(dev))
             if not torch.isfinite(loss):
                 raise M2ORTError("The training loss became NaN/inf: lower the learning rate.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             losses.append(loss.item())
             step += 1
-            yield Progress("train", step, total, f"epoch {epoch} loss {losses[-1]:.4f}",
-                           data={"epoch": epoch, "step": step, "loss": losses[-1]})
+            # the bar shows the epoch's running mean: the same definition as the summary
+            yield Progress("train", step, total, f"epoch {epoch} loss {np.mean(losses):.4f}",
+                           data={"epoch": epoch, "step": step, "loss": float(np.mean(losses))})
             if should_stop is not None and should_stop():
                 stopped = True
                 break
@@ -308,9 +389,11 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             break
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - te,
                   "lr": float(opt.param_groups[0]["lr"])}
+        if ema is not None:
+            ema.swap_in(model)  # evaluate and save the averaged weights
         if val_sets and (e + 1) % cfg.eval_every == 0:
-            metrics = evaluate_cached(model, val_sets, train_mean, dev, cfg.precision)
-            record["val"] = {k: v for k, v in metrics.items() if k != "per_gene"}
+            metrics = evaluate_sections(model, val_sets, train_mean, dev, cfg.precision)
+            record["val"] = metrics
             score = metrics["pcc_gene_mean"]
             if score is not None and np.isfinite(score) and score > best_score:
                 best_score, best_epoch, best_metrics = score, epoch, record["val"]
@@ -324,6 +407,9 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             if out_path is not None:
                 card.metrics = {"validation": None, "epochs": epoch, "train_config": _config_record(cfg)}
                 save_checkpoint(model, card, out_path)
+            best_state = copy.deepcopy(model.state_dict())
+        if ema is not None:
+            ema.swap_out(model)
         history.append(record)
         yield Progress("epoch", e + 1, cfg.epochs, _epoch_message(record), data=dict(record))
     if best_state is not None:
@@ -331,9 +417,47 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+    fit = {}
+    if best_state is not None and not stopped:
+        yield Progress("fit", 0, 1, "measuring the fit on the training spots")
+        fit = evaluate_sections(model, train_sets, train_mean, dev, cfg.precision)
+        card.metrics = dict(card.metrics or {}, fit=fit)
+        if out_path is not None and Path(out_path).exists():
+            save_checkpoint(model, card, out_path)
     return TrainResult(model, card, history, best_epoch, best_metrics,
                        Path(out_path) if out_path is not None and Path(out_path).exists() else None,
-                       stopped, epoch if not stopped else epoch - 1, time.perf_counter() - t0)
+                       stopped, epoch if not stopped else epoch - 1, time.perf_counter() - t0, fit)
+
+
+class _Ema:
+    """Exponential moving average of the weights; evaluated and saved in their place.
+
+    A few hundred spots give a few hundred noisy steps; the average of the last ones
+    generalises better than the last one alone."""
+
+    def __init__(self, model, decay: float):
+        if not 0 < decay < 1:
+            raise M2ORTError(f"EMA decay {decay} must be between 0 and 1 (e.g. 0.98).")
+        self.decay = float(decay)
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.backup = None
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def swap_in(self, model):
+        self.backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+
+    def swap_out(self, model):
+        if self.backup is not None:
+            model.load_state_dict(self.backup)
+            self.backup = None
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
