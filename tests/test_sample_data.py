@@ -34,9 +34,7 @@ def test_sample_section():
 def test_manifest_command_resolves():
     import napari_m2ort
 
-    manifest = yaml.safe_load(
-        (importlib.resources.files(napari_m2ort) / "napari.yaml").read_text(encoding="utf-8")
-    )
+    manifest = yaml.safe_load((importlib.resources.files(napari_m2ort) / "napari.yaml").read_text(encoding="utf-8"))
     cmd = next(c for c in manifest["contributions"]["commands"] if c["id"] == "napari-m2ort.sample_her2st")
     module, func = cmd["python_name"].split(":")
     assert getattr(importlib.import_module(module), func) is sample_data.her2st_sample
@@ -46,9 +44,7 @@ def test_manifest_python_names_import():
     """Every npe2 command points at something importable (readers/writers live in io.napari)."""
     import napari_m2ort
 
-    manifest = yaml.safe_load(
-        (importlib.resources.files(napari_m2ort) / "napari.yaml").read_text(encoding="utf-8")
-    )
+    manifest = yaml.safe_load((importlib.resources.files(napari_m2ort) / "napari.yaml").read_text(encoding="utf-8"))
     for cmd in manifest["contributions"]["commands"]:
         module, func = cmd["python_name"].split(":")
         assert callable(getattr(importlib.import_module(module), func)), cmd["id"]

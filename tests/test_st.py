@@ -38,8 +38,9 @@ def _brightness(image, max_px=1400) -> tuple[np.ndarray, float]:
 
 def assert_spots_on_tissue(section, radius_um=25.0, margin=15.0, frac=0.8):
     """Spots sit on tissue: patches around them are darker than the slide's corners."""
-    img, f = _brightness(section.image_path) if section.image_path else (
-        section.image.astype(np.float32).mean(axis=2), 1.0)
+    img, f = (
+        _brightness(section.image_path) if section.image_path else (section.image.astype(np.float32).mean(axis=2), 1.0)
+    )
     h, w = img.shape
     c = 10
     corners = np.array([img[:c, :c].mean(), img[:c, -c:].mean(), img[-c:, :c].mean(), img[-c:, -c:].mean()])
@@ -47,7 +48,7 @@ def assert_spots_on_tissue(section, radius_um=25.0, margin=15.0, frac=0.8):
     vals = []
     for x, y in section.coords_px / f:
         x, y = int(round(x)), int(round(y))
-        vals.append(img[max(0, y - r): y + r + 1, max(0, x - r): x + r + 1].mean())
+        vals.append(img[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1].mean())
     vals = np.array(vals)
     background = np.median(corners)
     assert np.median(vals) < background - margin, (np.median(vals), background)
@@ -184,8 +185,9 @@ def test_points_layer_data(c2):
     assert kw["features"].shape == (187, 250) and "ERBB2" in kw["features"]
     assert kw["face_color"] == "ERBB2"
     assert kw["name"] == "C2 measured ST" and kw["metadata"]["st_section"] is c2
-    expected = np.log1p(np.asarray(c2.adata[:, "ERBB2"].X.todense()).ravel() * 1e6
-                        / np.asarray(c2.adata.X.sum(axis=1)).ravel())
+    expected = np.log1p(
+        np.asarray(c2.adata[:, "ERBB2"].X.todense()).ravel() * 1e6 / np.asarray(c2.adata.X.sum(axis=1)).ravel()
+    )
     np.testing.assert_allclose(kw["features"]["ERBB2"], expected, rtol=1e-5)
     data, kw, _ = st.points_layer_data(c2, genes=["ERBB2", "GRB7"])
     assert list(kw["features"].columns) == ["ERBB2", "GRB7"]
@@ -246,7 +248,7 @@ def make_legacy(tmp_path: Path, counts_rows=None, spots=None, genes=None, image_
         rng = np.random.default_rng(0)
         counts_rows = {f"{int(x)}x{int(y)}": rng.integers(0, 20, len(genes)) for x, y in zip(spots.x, spots.y)}
     lines = ["\t" + "\t".join(genes)]
-    for k, v in (counts_rows.items() if isinstance(counts_rows, dict) else counts_rows):
+    for k, v in counts_rows.items() if isinstance(counts_rows, dict) else counts_rows:
         lines.append(k + "\t" + "\t".join(str(a) for a in v))
     with gzip.open(tmp_path / "cnt.tsv.gz", "wt") as fh:
         fh.write("\n".join(lines) + "\n")
