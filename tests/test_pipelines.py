@@ -34,7 +34,8 @@ def test_spots_whole_slide_and_region_forms():
     rect = P.spots_for_slide(_Slide(), [(0, 0, 500, 500)])
     assert 0 < len(rect) < len(whole)
     # one region given as a string, as four numbers, or as a Region: the same spots
-    for form in ("0,0,500,500", (0, 0, 500, 500), Region.rectangle(0, 0, 500, 500)):
+    square = np.array([[0, 0], [500, 0], [500, 500], [0, 500]], float)
+    for form in ("0,0,500,500", (0, 0, 500, 500), np.array([0, 0, 500, 500]), square, Region.rectangle(0, 0, 500, 500)):
         assert list(P.spots_for_slide(_Slide(), form).ids) == list(rect.ids)
     # overlapping regions: each spot once
     both = P.spots_for_slide(_Slide(), [(0, 0, 500, 500), (250, 0, 750, 500)])

@@ -44,6 +44,8 @@ def _as_regions(regions) -> Optional[list]:
 
     if regions is None:
         return None
+    if isinstance(regions, np.ndarray) and regions.ndim <= 2:  # one rectangle or one polygon
+        return [regions]
     if isinstance(regions, (str, Region)):
         one = parse_region(regions) if isinstance(regions, str) else regions
         return None if one is None else [one]
