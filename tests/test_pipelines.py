@@ -140,5 +140,10 @@ def test_predict_slide_small_region_of_the_sample():
             )
         )
         assert again.prediction is None and again.n_skipped == n and len(again.spots) == 0
+        # inference options reach inference.predict
+        tta = P.PredictRequest(slide, regions=[REGION], device="cpu", precision="fp32", tta="flips", smooth_um=150.0)
+        with_tta = run_to_end(P.predict_slide(tta)).prediction
+        assert with_tta.info["tta"] == "flips" and with_tta.info["smooth_um"] == 150.0
+        assert with_tta.uncertainty is not None and with_tta.uncertainty.shape == (n, 250)
     finally:
         slide.close()

@@ -8,7 +8,6 @@ already shown). ``predict_spots`` is the one place inference options reach
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import os
 from collections.abc import Callable, Sequence
@@ -102,12 +101,6 @@ def spots_for_slide(
     return spots
 
 
-def _predict_accepts() -> set:
-    from ..inference import predict
-
-    return set(inspect.signature(predict).parameters)
-
-
 def predict_spots(
     slide,
     centers_um: np.ndarray,
@@ -123,29 +116,16 @@ def predict_spots(
     should_stop: Optional[Callable[[], bool]] = None,
     job_spots: Optional[int] = None,
 ):
-    """``inference.predict`` with the request's inference options (a job)."""
+    """``inference.predict`` with the request's inference options (a job).
+
+    ``smooth_um`` smooths over the spots of this call only: a cohort tile's edge spots
+    see fewer neighbours than in a whole-slide call."""
     from ..inference import predict
 
-    extra = {}
-    accepts = _predict_accepts()
-    for name, value, default in (("tta", tta, "none"), ("smooth_um", smooth_um, 0.0)):
-        if name in accepts:
-            extra[name] = value
-        elif value != default:
-            raise M2ORTError(f"This napari-m2ort cannot do {name}={value!r}: update it.")
     return predict(
-        slide,
-        centers_um,
-        model,
-        card,
-        device=device,
-        batch_size=batch_size,
-        precision=precision,
-        should_stop=should_stop,
-        compile=compile,
-        job_spots=job_spots,
-        **extra,
-    )
+        slide, centers_um, model, card, device=device, batch_size=batch_size, precision=precision,
+        should_stop=should_stop, compile=compile, job_spots=job_spots, tta=tta, smooth_um=smooth_um,
+    )  # fmt: skip
 
 
 def _open(request: PredictRequest):

@@ -153,7 +153,8 @@ class FineTuneRequest:
 @dataclass
 class EvaluateRequest:
     """Held-out metrics of a trained model on measured ST sections (genes of the model's
-    panel missing from the data are reported, not fatal)."""
+    panel missing from the data are reported, not fatal). ``tta`` / ``smooth_um`` as in
+    ``PredictRequest``."""
 
     sections: Sequence[Any]
     model: ModelSpec = "bundled"
@@ -161,6 +162,8 @@ class EvaluateRequest:
     precision: str = "fp32"
     batch_size: int = 64
     cache_dir: Optional[Path] = None
+    tta: str = "none"
+    smooth_um: float = 0.0
 
 
 __all__ = [

@@ -90,6 +90,8 @@ def evaluate(request: EvaluateRequest) -> Job[dict]:
         device=dev,
         precision=request.precision,
         batch_size=request.batch_size,
+        tta=request.tta,
+        smooth_um=request.smooth_um,
     )
     yield Progress("evaluate", 1, 1, "done")
     res["sections"] = [s.name for s in request.sections]
