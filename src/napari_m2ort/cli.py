@@ -165,7 +165,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _predict_request(args, slide, **extra):
+def _predict_request(args, slide):
     from .pipelines import PredictRequest, parse_region
 
     region = parse_region(args.region)
@@ -182,7 +182,6 @@ def _predict_request(args, slide, **extra):
         precision=args.precision,
         batch_size=args.batch_size,
         compile=args.compile,
-        **extra,
     )
 
 
