@@ -1,28 +1,65 @@
-"""Shared fixtures: the real data in ../shared/data and small synthetic slides."""
+"""Shared fixtures: real data committed under tests/data (plus the packaged C2 section)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 
-import napari_m2ort  # noqa: F401  (imports torch before Qt starts; makes timm importable)
+import napari_m2ort  # (imports torch before Qt starts; makes timm importable)
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("M2ORT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"
+# Section C2 ships in the package for the napari sample; the tests reuse it rather than keep a copy.
+PACKAGED_C2 = Path(napari_m2ort.__file__).resolve().parent / "data" / "her2st_C2"
+C2_FILES = {
+    "5714_HE_BT_C2.jpg": "ST-imgs/C/C2/5714_HE_BT_C2.jpg",
+    "C2.tsv.gz": "ST-cnts/C2.tsv.gz",
+    "C2_selection.tsv": "ST-spotfiles/C2_selection.tsv",
+}
+
+
+def _override() -> Path | None:
+    """The full data folder named by $M2ORT_SHARED_DATA (opt-in), e.g. ../shared/data."""
+    value = os.environ.get("M2ORT_SHARED_DATA")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        warnings.warn(f"M2ORT_SHARED_DATA={value} is not a folder; using {DATA}", stacklevel=2)
+        return None
+    return path
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """The data folder: tests/data, in the same layout as the full one (see tests/data/README.md)."""
+    return _override() or DATA
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.symlink_to(src)
+    except OSError:  # no symlinks (e.g. Windows without developer mode)
+        shutil.copyfile(src, dst)
 
 
 @pytest.fixture(scope="session")
-def her2st(shared_data) -> Path:
-    return shared_data / "her2st"
+def her2st(tmp_path_factory) -> Path:
+    """A folder in the almaan/her2st layout: sections B4 and C3 from tests/data, C2 from the package."""
+    full = _override()
+    if full is not None:
+        return full / "her2st"
+    root = tmp_path_factory.mktemp("her2st")
+    for f in sorted((DATA / "her2st").rglob("*")):
+        if f.is_file():
+            _link(f, root / f.relative_to(DATA / "her2st"))
+    for name, rel in C2_FILES.items():
+        _link(PACKAGED_C2 / name, root / rel)
+    return root
 
 
 @pytest.fixture
