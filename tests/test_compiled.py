@@ -75,6 +75,8 @@ def test_compiled_bf16_matches_fp32_and_is_deterministic(slide, tiny):
 
 def test_compiled_forward_follows_new_weights(slide, tiny):
     model, card = tiny
+    with torch.no_grad():
+        model.head.bias.add_(5.0)  # outputs well above 0, where clipping (OUTPUT_RULE) hides nothing
     before = _run(slide, model, card, precision="bf16", compile=True)
     with torch.no_grad():
         model.head.bias.add_(1.0)  # as fine-tuning or loading a checkpoint would
