@@ -84,7 +84,7 @@ def _expected_ids(slide_layer, rects_um):
 
 
 def _card(widget):
-    return widget._model_cache[widget.model_spec()][1]
+    return widget.models.card(widget.model_spec())
 
 
 # ------------------------------------------------------------------ tests

@@ -24,12 +24,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Optional
+from typing import Any, Optional
 
 from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
 
 from ..errors import M2ORTError
 from ..progress import Progress
@@ -141,36 +143,54 @@ def start_job(
 
     # napari's progress widgets call QApplication.processEvents() when updated, so a
     # handler can be re-entered by the next queued signal.  Every signal goes through one
-    # queue drained by the outermost call: handlers run one at a time, in emission order.
+    # queue: handlers run one at a time, in emission order.  A drain handles only what
+    # was queued when it began; signals arriving meanwhile wait for the next turn of the
+    # event loop, so a job faster than its handlers cannot hold the main thread (and
+    # whoever called processEvents) until it ends.
     pending: deque = deque()
     draining = [False]
+    scheduled = [False]
+
+    def drain():
+        scheduled[0] = False
+        if draining[0]:
+            return
+        draining[0] = True
+        try:
+            for _ in range(len(pending)):
+                h, a = pending.popleft()
+                try:
+                    h(*a)
+                except RuntimeError as exc:
+                    # the widget was closed while its job ran: nothing left to update
+                    if "deleted" not in str(exc):
+                        raise
+        finally:
+            draining[0] = False
+            if pending and not scheduled[0]:
+                scheduled[0] = True
+                QTimer.singleShot(0, drain)
 
     def dispatch(handler):
         def slot(*args):
             pending.append((handler, args))
-            if draining[0]:
-                return
-            draining[0] = True
-            try:
-                while pending:
-                    h, a = pending.popleft()
-                    try:
-                        h(*a)
-                    except RuntimeError as exc:
-                        # the widget was closed while its job ran: nothing left to update
-                        if "deleted" not in str(exc):
-                            raise
-            finally:
-                draining[0] = False
+            drain()
 
         return slot
 
     # Connecting "errored" here stops superqt from re-raising the exception in the main
     # thread; napari's worker class still relays it to a notification.
     worker = create_worker(
-        _run, make_job, stop, _start_thread=False,
-        _connect={"yielded": dispatch(_yielded), "returned": dispatch(_returned),
-                  "errored": dispatch(_errored), "finished": dispatch(_finished)},
+        _run,
+        make_job,
+        stop,
+        _start_thread=False,
+        _connect={
+            "yielded": dispatch(_yielded),
+            "returned": dispatch(_returned),
+            "errored": dispatch(_errored),
+            "finished": dispatch(_finished),
+        },
     )
     handle.worker = worker
     worker.start()
@@ -191,8 +211,14 @@ def run_in_thread(
         yield Progress(desc or "working", 0, 1)
         return func()
 
-    return start_job(make_job, desc=desc or "working", on_done=on_done, on_failed=on_failed,
-                     on_finished=on_finished, show_progress=bool(desc))
+    return start_job(
+        make_job,
+        desc=desc or "working",
+        on_done=on_done,
+        on_failed=on_failed,
+        on_finished=on_finished,
+        show_progress=bool(desc),
+    )
 
 
 def cancel_on_destroy(widget) -> list:
@@ -207,9 +233,16 @@ def cancel_on_destroy(widget) -> list:
     return jobs
 
 
+def notify(kind: str, message: str) -> None:
+    """A napari notification: "error", "warning" or "info"."""
+    from napari.utils import notifications as n
+
+    {"error": n.show_error, "warning": n.show_warning, "info": n.show_info}[kind](message)
+
+
 # ------------------------------------------------------------------ widget registry
 
-_PREDICT_WIDGETS: "weakref.WeakSet" = weakref.WeakSet()
+_PREDICT_WIDGETS: weakref.WeakSet = weakref.WeakSet()
 
 
 def register_predict_widget(widget) -> None:

@@ -91,6 +91,14 @@ class LivePlot(QWidget):
             for t in leg.get_texts():
                 t.set_color(_FG)
         else:
-            ax.text(0.5, 0.5, "training curves appear here", color="#8a8f99", fontsize=8,
-                    ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "training curves appear here",
+                color="#8a8f99",
+                fontsize=8,
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         self.canvas.draw_idle()

@@ -1,0 +1,106 @@
+"""The models a widget offers, by spec, with the loaded ones kept (Qt-free).
+
+Specs are what the model combo box stores: ``"bundled"``, ``"file:<path>"`` for a
+checkpoint, ``"memory:<key>"`` for a model handed over in memory (the fine-tuning
+widget's "Use for prediction").  Loading goes through the use-case layer's resolver,
+so a spec means here what it means to the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional
+
+from psygnal import Signal
+
+from ..errors import M2ORTError
+
+BUNDLED = "bundled"
+
+
+def model_key(card) -> str:
+    """A short identity of a model card (genes + provenance) to keep layers apart."""
+    import hashlib
+    import json
+
+    text = card.to_json() if hasattr(card, "to_json") else json.dumps(card, default=str, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def describe_card(card) -> str:
+    """One line about a model: variant, panel, scale, field of view, validation PCC."""
+    metrics = card.metrics or {}
+    val = metrics.get("validation") or metrics.get("test") or {}
+    pcc = val.get("pcc_gene_mean") if isinstance(val, dict) else None
+    extra = f", val PCC-gene {pcc:.2f}" if isinstance(pcc, (int, float)) else ""
+    return f"{card.variant}, {len(card.genes)} genes, {card.mpp:g} µm/px, {card.fov_um:.0f} µm field{extra}"
+
+
+class ModelCatalogue:
+    """Spec → label for the combo box, spec → (model, card) once loaded."""
+
+    added = Signal(str)  # spec of a new entry
+
+    def __init__(self) -> None:
+        self.labels: dict[str, str] = {}
+        self._loaded: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def add_bundled(self, label: str = "Bundled M2ORT-S (HER2+ breast)") -> Optional[str]:
+        from ..model.weights import BUNDLED_PATH
+
+        if not Path(BUNDLED_PATH).is_file():
+            return None
+        return self._add(BUNDLED, label)
+
+    def add_checkpoint(self, path, label: Optional[str] = None) -> str:
+        """Register a .safetensors checkpoint (its card is read now: a bad file fails here)."""
+        from ..pipelines import read_model_card
+
+        path = str(Path(path).expanduser())
+        spec = f"file:{path}"
+        card = read_model_card(spec)
+        return self._add(spec, label or f"{Path(path).name} ({card.variant}, {len(card.genes)} genes)")
+
+    def add_memory(self, model, card, name: str = "fine-tuned model") -> str:
+        spec = f"memory:{model_key(card)}"
+        with self._lock:
+            self._loaded[spec] = (model, card)
+        return self._add(spec, f"{name} ({len(card.genes)} genes)")
+
+    def _add(self, spec: str, label: str) -> str:
+        if spec not in self.labels:
+            self.labels[spec] = label
+            self.added.emit(spec)
+        return spec
+
+    def load(self, spec: str):
+        """(model, card), loaded once; called from worker threads."""
+        with self._lock:
+            hit = self._loaded.get(spec)
+        if hit is not None:
+            return hit
+        if spec.startswith("memory:") or spec not in self.labels:
+            raise M2ORTError("The selected model is no longer available; choose another one.")
+        from ..pipelines import resolve_model
+
+        model, card = resolve_model(spec)
+        with self._lock:
+            self._loaded[spec] = (model, card)
+        return model, card
+
+    def card(self, spec: Optional[str]):
+        """The model card of a spec without loading weights (None if unreadable)."""
+        if spec is None:
+            return None
+        with self._lock:
+            hit = self._loaded.get(spec)
+        if hit is not None:
+            return hit[1]
+        from ..pipelines import read_model_card
+
+        try:
+            return read_model_card(spec)
+        except (M2ORTError, OSError):
+            return None

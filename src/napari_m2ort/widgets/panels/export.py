@@ -1,0 +1,49 @@
+"""Export panel: the predictions layer shown, as .h5ad or CSV (writers in ``io.export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QPushButton
+
+from ...errors import M2ORTError
+
+FORMATS = {".h5ad": "write_h5ad", ".csv": "write_csv"}
+
+
+def write_layer(layer, path, suffix: str) -> Path:
+    """Write a predictions Points layer; raises ``M2ORTError`` with a sentence to act on."""
+    from ...io import export
+
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        path = path.with_suffix(suffix)
+    meta = {"features": layer.features, "metadata": layer.metadata, "size": layer.size, "name": layer.name}
+    try:
+        adata = export.points_layer_to_anndata(layer.data, meta)
+        return Path(getattr(export, FORMATS[suffix])(adata, path))
+    except OSError as exc:
+        raise M2ORTError(f"{path}: could not be written ({exc.strerror or exc}); choose another folder.") from exc
+
+
+class ExportPanel(QGroupBox):
+    def __init__(self, parent=None):
+        super().__init__("Export", parent)
+        row = QHBoxLayout(self)
+        self.export_h5ad_btn = QPushButton("Export .h5ad")
+        self.export_csv_btn = QPushButton("Export CSV")
+        self.clear_btn = QPushButton("Clear")
+        self.clear_btn.setToolTip("Remove the predictions layer shown")
+        for b in (self.export_h5ad_btn, self.export_csv_btn, self.clear_btn):
+            row.addWidget(b)
+
+    def ask_path(self, suffix: str) -> Optional[str]:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export predictions", f"predictions{suffix}", f"{suffix} files (*{suffix})"
+        )
+        return path or None
+
+    def enable(self, on: bool) -> None:
+        for b in (self.export_h5ad_btn, self.export_csv_btn, self.clear_btn):
+            b.setEnabled(on)
