@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from napari_m2ort.io.slides.base import ENV_MPP, sniff
+from napari_m2ort.io.slides.dicom import is_dicom
+from napari_m2ort.io.slides.openslide_backend import OPENSLIDE_SUFFIXES
 from napari_m2ort.io.slides.tiff import is_2d_image
 from napari_m2ort.slide import FLAT_SUFFIXES, TIFF_SUFFIXES, validate_mpp
 
 __all__ = ["napari_get_reader"]
 
-_READER_SUFFIXES = TIFF_SUFFIXES | FLAT_SUFFIXES
+_READER_SUFFIXES = TIFF_SUFFIXES | FLAT_SUFFIXES | OPENSLIDE_SUFFIXES | {".dcm"}
 
 
 def napari_get_reader(path: str | os.PathLike | Sequence[str | os.PathLike]):
@@ -23,8 +25,8 @@ def napari_get_reader(path: str | os.PathLike | Sequence[str | os.PathLike]):
     npe2 readers take no options, so the pixel size can be forced with the environment
     variable ``NAPARI_M2ORT_MPP`` (µm per pixel, e.g. ``NAPARI_M2ORT_MPP=0.69 napari
     slide.jpg``); otherwise the file's metadata or the default µm/px is used.
-    Returns None for paths this plugin should leave to others (folders, several files,
-    z-stacks, multiplexed images).
+    Returns None for paths this plugin should leave to others (folders other than DICOM
+    slides, several files, z-stacks, multiplexed images).
     """
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
@@ -33,7 +35,9 @@ def napari_get_reader(path: str | os.PathLike | Sequence[str | os.PathLike]):
     if not isinstance(path, (str, os.PathLike)):
         return None
     p = Path(os.fspath(path))
-    if p.suffix.lower() not in _READER_SUFFIXES or p.is_dir():
+    if p.is_dir():
+        return functools.partial(_read_layers, p) if is_dicom(p) else None
+    if p.suffix.lower() not in _READER_SUFFIXES:
         return None
     if p.is_file() and _is_tiff(p) and not is_2d_image(p):
         return None
