@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from ..io.slides.layer import LayerSlide  # noqa: F401  (the core's; the widgets and demo.py import it here)
+from ..io.slides.layer import LayerSlide, layer_mpp  # noqa: F401  (the core's, used by the widgets)
 from ..raster import value_range
 
 PREDICTIONS_NAME = "M2ORT predictions"
@@ -56,20 +56,6 @@ class Geometry:
         if self.units is not None:
             kw["units"] = self.units
         return kw
-
-
-def layer_mpp(layer, override: Optional[float] = None) -> tuple[float, str]:
-    """µm/px of an Image layer's level 0 and where that number came from."""
-    if override:
-        return float(override), "user"
-    md = getattr(layer, "metadata", {}) or {}
-    if md.get("mpp"):
-        return float(md["mpp"]), str(md.get("mpp_source", "metadata"))
-    scale = float(np.asarray(layer.scale)[-1])
-    units = _unit_names(layer)
-    if units and units[-1] in ("micrometer", "micron", "um", "µm"):
-        return scale, "metadata"
-    return 0.5, "default"
 
 
 def _unit_names(layer) -> tuple:
@@ -123,6 +109,38 @@ def view_region_um(viewer, geom: Geometry):
 
 def predictions_layers(viewer) -> list:
     return [ly for ly in viewer.layers if (ly.metadata or {}).get("m2ort_kind") == PRED_KIND]
+
+
+def layer_key(model_key: str, spots) -> tuple:
+    """Predictions of one model on one spot layout go to one layer (ids are per layout)."""
+    return (model_key, str(spots.layout), round(float(spots.pitch_um), 3), round(float(spots.diameter_um), 3))
+
+
+def _layer_key_md(md: dict) -> tuple:
+    return (
+        md.get("model_key"),
+        str(md.get("layout")),
+        round(float(md.get("pitch_um", 0.0)), 3),
+        round(float(md.get("spot_diameter_um", 0.0)), 3),
+    )
+
+
+def predicted_ids(viewer, slide_name: str) -> dict:
+    """layer key -> ids of the spots already predicted on this slide."""
+    out: dict = {}
+    for ly in predictions_layers(viewer):
+        md = ly.metadata
+        if md.get("slide") == slide_name:
+            out.setdefault(_layer_key_md(md), set()).update(map(str, md.get("spot_ids", [])))
+    return out
+
+
+def find_predictions_layer(viewer, slide_name: str, key: tuple):
+    """The predictions layer of this slide with this layer key, if there is one."""
+    for ly in predictions_layers(viewer):
+        if ly.metadata.get("slide") == slide_name and _layer_key_md(ly.metadata) == key:
+            return ly
+    return None
 
 
 def measured_layers(viewer) -> list:

@@ -208,7 +208,7 @@ class FinetuneWidget(QWidget):
         return self.job
 
     def _on_loaded(self, section) -> None:
-        from ..io.st import points_layer_data
+        from ..io.napari import points_layer_data
 
         slide = self.slide_layer()
         name, k = section.name, 2

@@ -300,7 +300,7 @@ class PredictWidget(QWidget):
         except M2ORTError as exc:
             self._fail(str(exc))
             return None
-        existing = self._existing_ids(layer.name)
+        existing = L.predicted_ids(self.viewer, layer.name)
         models, slides, masks = self.models, self._slides, self._masks
 
         def make_job(should_stop):
@@ -315,7 +315,7 @@ class PredictWidget(QWidget):
             plan = yield from plan_slide(req)
             if plan.tissue_mask is not None:
                 masks[slide_key] = plan.tissue_mask
-            plan = plan.without(existing.get(_layer_key(model_key(plan.card), plan.spots), ()))
+            plan = plan.without(existing.get(L.layer_key(model_key(plan.card), plan.spots), ()))
             return (yield from run_plan(plan, req, should_stop))
 
         self._run = RunState(what=what, geom=geom, slide_layer=layer.name)
@@ -333,23 +333,13 @@ class PredictWidget(QWidget):
         self._update_buttons()
         return self.job
 
-    def _existing_ids(self, slide_name: str) -> dict:
-        out: dict = {}
-        for ly in L.predictions_layers(self.viewer):
-            md = ly.metadata
-            if md.get("slide") == slide_name:
-                out.setdefault(_layer_key_md(md), set()).update(map(str, md.get("spot_ids", [])))
-        return out
-
     def _target_layer(self, plan):
         """The predictions layer of this slide, model and layout (created on first use)."""
         slide_name, spots = self._run.slide_layer, plan.spots
         key = model_key(plan.card)
-        want = _layer_key(key, spots)
-        for ly in L.predictions_layers(self.viewer):
-            md = ly.metadata
-            if md.get("slide") == slide_name and _layer_key_md(md) == want:
-                return ly
+        layer = L.find_predictions_layer(self.viewer, slide_name, L.layer_key(key, spots))
+        if layer is not None:
+            return layer
         name = L.PREDICTIONS_NAME
         if L.predictions_layers(self.viewer):
             name += f" [{self.model_combo.currentText()}; {spots.layout} {spots.pitch_um:g}/{spots.diameter_um:g} µm]"
@@ -504,18 +494,6 @@ class PredictWidget(QWidget):
         if self.running:
             self.job.cancel()
         super().closeEvent(event)
-
-
-def _layer_key(model_key: str, spots) -> tuple:
-    """Predictions of one model on one spot layout go to one layer (ids are per layout)."""
-    return (model_key, str(spots.layout), round(float(spots.pitch_um), 3), round(float(spots.diameter_um), 3))
-
-
-def _layer_key_md(md: dict) -> tuple:
-    return (
-        md.get("model_key"), str(md.get("layout")), round(float(md.get("pitch_um", 0.0)), 3),
-        round(float(md.get("spot_diameter_um", 0.0)), 3),
-    )  # fmt: skip
 
 
 def _same(a, b) -> bool:
