@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -98,23 +97,26 @@ def section_centers_um(section) -> np.ndarray:
 
 def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Optional[Path] = None,
                     allow_missing: bool = False) -> Job[CachedSection]:
-    """Sample each spot's patch once and compute panel-normalised targets."""
+    """Sample each spot's patch once and compute panel-normalised targets.
+
+    Data that do not fit the panel stop here, before any patch is read: no panel gene
+    found, more than half missing (even with ``allow_missing``), or more than half of the
+    spots without panel counts.  A cache file in ``cache_dir`` is used only when its
+    header, size and checksum are right; otherwise it is named in a
+    ``patch_cache.PatchCacheWarning``, deleted and rebuilt.
+    """
     from .io.slides import open_slide
+    from .io.st.validate import check_most_kept, check_panel_genes
+    from .patch_cache import load_patches, save_patches
     from .patches import sample_spots
     from .targets import normalize_counts
 
     adata = section.adata
+    where = _section_source(section)
     var = list(map(str, adata.var_names))
     index = {g: i for i, g in enumerate(var)}
     missing = [g for g in genes if g not in index]
-    if missing and not allow_missing:
-        raise M2ORTError(
-            f"{section.name}: {len(missing)} of {len(genes)} panel genes are not in this data "
-            f"(e.g. {', '.join(missing[:5])}). Choose a panel from this data (e.g. top:250) or "
-            "fine-tune with a new head."
-        )
-    if len(missing) == len(genes):
-        raise M2ORTError(f"{section.name}: none of the {len(genes)} panel genes is in this data.")
+    check_panel_genes(where, var, adata.var, list(genes), missing, allow_missing)
     counts = _dense(adata.X)
     panel = np.zeros((counts.shape[0], len(genes)), dtype=np.float32)
     for j, g in enumerate(genes):
@@ -124,6 +126,10 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
     y = np.asarray(y, dtype=np.float32)
     if y.shape[0] != int(np.sum(keep)):
         y = y[keep]
+    check_most_kept(
+        int((~keep).sum()), len(keep), where, f"spots have no counts in any of the {len(genes)} panel genes",
+        "the panel does not fit this data (another tissue or species, or gene names that only partly match)",
+    )
     if not np.all(keep):
         warnings.warn(f"{section.name}: {int((~keep).sum())} spots with no panel counts were dropped.", stacklevel=2)
     panel_counts = panel[keep].astype(np.float32)
@@ -138,8 +144,8 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
         key.update(f"{Path(section.image_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{section.mpp}|{mpp}".encode())
         key.update(np.ascontiguousarray(centers).tobytes())
         cache_file = Path(cache_dir) / f"{section.name}-{key.hexdigest()[:16]}.npy"
-        if cache_file.exists():
-            level1 = np.load(cache_file, mmap_mode=None)
+        level1 = load_patches(cache_file, len(centers))
+        if level1 is not None:
             yield Progress("patches", len(centers), len(centers), f"{section.name}: cached")
             return CachedSection(section.name, level1, y, centers, list(genes), missing, panel_counts, depth)
     slide = open_slide(section.image_path, mpp=section.mpp)
@@ -151,11 +157,15 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
         yield Progress("patches", min(n, i + step), n, f"{section.name}: sampling patches")
     slide.close()
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, level1)
-        os.replace(tmp, cache_file)
+        save_patches(cache_file, level1)
     return CachedSection(section.name, level1, y, centers, list(genes), missing, panel_counts, depth)
+
+
+def _section_source(section) -> str:
+    """The user's file behind a section (for messages), with the section's name."""
+    meta = section.adata.uns.get("spatial", {}).get(section.name, {}).get("metadata", {})
+    source = str(meta.get("source") or "")
+    return f"{source} (section {section.name})" if source else str(section.name)
 
 
 def _dense(x) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,9 @@ from ...targets import as_csr
 from .grid import nn_grid_mpp, visium_grid_mpp
 from .image import image_size
 from .section import PLATFORM_SPOT_UM, VISIUM_PITCH_UM, VISIUM_SCALEFACTOR_SPOT_UM, STSection, build_section
-from .validate import check_mpp, existing_file, reconcile_mpp, warn
+from .validate import ENSEMBL_ID, GENE_ID_COLUMNS, check_mpp, existing_file, reconcile_mpp, warn
 
 __all__ = ["read_h5ad"]
-
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
 
 
 def _counts_matrix(adata, source):
@@ -113,11 +110,16 @@ def read_h5ad(path, image=None, mpp=None, library_id=None) -> STSection:
             f"{path}: {which_counts} holds non-integer values, so it is probably normalised, not raw "
             "counts; training targets assume raw counts (store them in layers['counts'])."
         )
-    if _ENSEMBL.match(str(genes[0]) if genes else ""):
+    sample = [str(g) for g in genes[:1000]]
+    if sample and sum(bool(ENSEMBL_ID.match(g)) for g in sample) > len(sample) / 2:
         for col in ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "symbol"):
             if col in var.columns:
                 genes = [str(g) for g in var[col]]
                 break
+    # the other gene naming travels along, so a panel that does not match can say where it is
+    id_columns = pd.DataFrame(
+        {c: var[c].astype(str).to_numpy() for c in GENE_ID_COLUMNS if c in var.columns}, index=range(len(genes))
+    )
 
     # µm/px of the full-resolution frame
     name = str(lib_name or path.stem)
@@ -181,6 +183,7 @@ def read_h5ad(path, image=None, mpp=None, library_id=None) -> STSection:
         platform=platform,
         spot_diameter_um=PLATFORM_SPOT_UM.get(platform),
         obs=obs,
+        var=id_columns,
         scalefactors={"spot_diameter_fullres": diam * scale} if diam else None,
         metadata={
             "image_choice": which,

@@ -17,7 +17,7 @@ from ...errors import M2ORTError
 from .grid import legacy_grid_mpp
 from .image import IMAGE_SUFFIXES, image_size
 from .section import LEGACY_ST_SPOT_UM, STSection, build_section
-from .validate import check_mpp, drop_ambiguous, existing_file, warn
+from .validate import check_most_kept, check_mpp, drop_ambiguous, existing_file, warn
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ def read_legacy_st(image, counts, spots, mpp=None, name=None) -> STSection:
     """Read a legacy ST section: H&E image, ``XxY`` counts table, spot-detector table.
 
     Spots are matched on array (x, y); only ``selected == 1`` spots are kept. Selected
-    spots without a counts row are skipped with a counted warning. Without ``mpp`` the
+    spots without a counts row are skipped with a counted warning; when more than half of
+    the selected spots, or of the counts rows, find no partner, the two files belong to
+    different sections and an M2ORTError stops the read. Without ``mpp`` the
     pixel size is derived from the 200 µm spot grid (``mpp_source="st-geometry"``).
     """
     image = existing_file(image, "image")
@@ -124,6 +126,7 @@ def read_legacy_st(image, counts, spots, mpp=None, name=None) -> STSection:
         mpp_val, mpp_source = legacy_grid_mpp(table, spots), "st-geometry"
         logger.info("%s: %.4f µm/px derived from the 200 µm ST spot grid", name, mpp_val)
 
+    listed = table[["x", "y"]].round()  # every spot of the array, selected or not
     if "selected" in table.columns:
         table = table[table["selected"] == 1]
     table = table.reset_index(drop=True)
@@ -159,6 +162,7 @@ def read_legacy_st(image, counts, spots, mpp=None, name=None) -> STSection:
             f"{counts}: none of the selected spots in {spots.name} has a counts row; check that "
             "both files belong to the same section."
         )
+    _check_files_match(n_sel, int((~has).sum()), row_of.index, listed, counts, spots)
     rows = row_of.loc[keys].to_numpy()
     obs = table[[c for c in ("x", "y", "new_x", "new_y", "pixel_x", "pixel_y") if c in table.columns]].copy()
     obs = obs.rename(columns={"x": "array_x", "y": "array_y"})
@@ -178,6 +182,28 @@ def read_legacy_st(image, counts, spots, mpp=None, name=None) -> STSection:
         spot_diameter_um=LEGACY_ST_SPOT_UM,
         obs=obs.reset_index(drop=True),
         metadata={"counts_file": str(counts), "spots_file": str(spots)},
+    )
+
+
+def _check_files_match(n_sel: int, no_row: int, count_keys: pd.Index, listed: pd.DataFrame, counts: Path, spots: Path):
+    """Stop when the counts table and the spot file describe different sections.
+
+    Both sides are checked: selected spots without a counts row, and counts rows whose
+    array position is not in the spot file at all (selected or not, so a spot file that
+    lists the whole array does not count tissue-free spots against the counts).
+    """
+    why = (
+        f"{counts.name} and {spots.name} belong to different sections (check the file names; "
+        "matching sections leave out at most a few spots)"
+    )
+    check_most_kept(no_row, n_sel, spots, f"selected spots have no row in {counts.name}", why)
+    in_file = pd.Index([f"{int(a)}x{int(b)}" for a, b in listed.dropna().itertuples(index=False)])
+    check_most_kept(
+        int((~count_keys.isin(in_file)).sum()),
+        len(count_keys),
+        counts,
+        f"counts rows have no spot in {spots.name}",
+        why,
     )
 
 

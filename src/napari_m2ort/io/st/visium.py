@@ -13,7 +13,7 @@ from ...errors import M2ORTError
 from .grid import visium_grid_mpp
 from .image import image_size, is_blank_image
 from .section import VISIUM_SCALEFACTOR_SPOT_UM, VISIUM_SPOT_UM, STSection, build_section
-from .validate import check_mpp, drop_ambiguous, existing_file, reconcile_mpp, warn
+from .validate import check_most_kept, check_mpp, drop_ambiguous, existing_file, reconcile_mpp, warn
 
 __all__ = ["read_visium", "is_visium_folder"]
 
@@ -152,6 +152,13 @@ def read_visium(folder, mpp=None, image=None) -> STSection:
     idx = idx[found]
     if len(idx) == 0:
         raise M2ORTError(f"{h5}: none of its barcodes appears in {pos_path}; are they from the same run?")
+    check_most_kept(
+        int((~found).sum()),
+        len(found),
+        h5,
+        f"barcodes have no row in {pos_path.name}",
+        f"{h5.name} and {pos_path.name} come from different Space Ranger runs",
+    )
     bcs = [barcodes[i] for i in idx]
     obs = pos.loc[bcs, ["in_tissue", "array_row", "array_col"]].reset_index(drop=True)
     full_xy = pos.loc[bcs, ["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
