@@ -240,8 +240,9 @@ def _casefold_index(names) -> dict[str, str]:
 def panel_gene_hint(var_names: Sequence[str], var: pd.DataFrame | None, missing: Sequence[str]) -> str:
     """Why ``missing`` panel genes are not in ``var_names``, and what to do; "" if unknown.
 
-    Checks, in order: another ``var`` column holding the panel's naming (symbols vs
-    Ensembl ids), a match that ignores case, and Ensembl ids against symbols.
+    Says, when they apply: that the data and the panel use different namings (Ensembl
+    ids vs symbols), which ``var`` column holds the panel's naming (e.g. ``gene_ids`` or
+    ``feature_name`` beside var_names), and how many would match if case were ignored.
     """
     missing = [str(g) for g in missing]
     if not missing:
@@ -266,8 +267,9 @@ def panel_gene_hint(var_names: Sequence[str], var: pd.DataFrame | None, missing:
         ):
             continue
         names = set(map(str, values.astype(str)))
+        folded = _casefold_index(names)
         exact = sum(g in names for g in missing)
-        loose = sum(g.casefold() in _casefold_index(names) for g in missing)
+        loose = sum(g.casefold() in folded for g in missing)
         if exact or loose:
             column = col
             case = "" if exact >= loose else " (ignoring case)"
