@@ -124,7 +124,7 @@ def check_output_path(path, overwrite: bool = False) -> Path:
     if path is None or not str(os.fspath(path)).strip():
         raise M2ORTError("No output file given: name a file ending in .h5ad, .csv or .zarr.")
     p = Path(os.fspath(path)).expanduser()
-    kinds = " or ".join(OUTPUT_SUFFIXES)
+    kinds = ", ".join(OUTPUT_SUFFIXES[:-1]) + " or " + OUTPUT_SUFFIXES[-1]
     suffix = _suffix(p)
     if not suffix:
         raise M2ORTError(f"{p}: unsupported output type; give a file name ending in {kinds}.")
