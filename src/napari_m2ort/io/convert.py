@@ -44,14 +44,19 @@ def convert_to_ome_tiff(
     tile: int = 512,
     quality: int = 90,
     progress: Callable[[Progress], Any] | None = None,
+    memory_budget: int | None = None,
 ) -> Path:
     """Convert any slide ``open_slide`` reads into a pyramidal OME-TIFF; return its path.
 
     ``mpp`` overrides the source's pixel size (µm/px) and is required when the source
     has none: the output states its pixel size as fact, so a guess must not go in.
     ``progress`` receives ``Progress("convert", tiles_done, tiles_total, message)``.
+    ``memory_budget`` (bytes) is what decoding a flat source whole may take (see
+    ``open_slide``); sources over it, or with impossible header sizes, are refused
+    before anything is written.
     """
-    return run_to_end(iter_convert_to_ome_tiff(src, out, mpp=mpp, tile=tile, quality=quality), progress)
+    job = iter_convert_to_ome_tiff(src, out, mpp=mpp, tile=tile, quality=quality, memory_budget=memory_budget)
+    return run_to_end(job, progress)
 
 
 def iter_convert_to_ome_tiff(
@@ -60,6 +65,7 @@ def iter_convert_to_ome_tiff(
     mpp: float | None = None,
     tile: int = 512,
     quality: int = 90,
+    memory_budget: int | None = None,
 ) -> Job:
     """Generator form of ``convert_to_ome_tiff`` (stoppable with ``gen.close()``).
 
@@ -71,7 +77,7 @@ def iter_convert_to_ome_tiff(
     """
     out = Path(os.fspath(out)).expanduser()
     _check_options(out, tile, quality)
-    slide = open_slide(src, mpp, quiet=True)
+    slide = open_slide(src, mpp, quiet=True, memory_budget=memory_budget)
     if slide.mpp_source == "default":
         slide.close()
         raise M2ORTError(

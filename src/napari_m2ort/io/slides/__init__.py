@@ -24,6 +24,7 @@ from pathlib import Path
 
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.io.slides.base import ENV_MPP, Slide, display_name, sniff
+from napari_m2ort.io.slides.budget import ENV_DECODE_BUDGET, budget_scope
 from napari_m2ort.io.slides.dicom import is_dicom, open_dicom
 from napari_m2ort.io.slides.flat import open_flat
 from napari_m2ort.io.slides.openslide_backend import handles as openslide_handles
@@ -35,6 +36,7 @@ from napari_m2ort.slide import DEFAULT_MPP, SlideLike, validate_mpp
 
 __all__ = [
     "DEFAULT_MPP",
+    "ENV_DECODE_BUDGET",
     "ENV_MPP",
     "MIN_LEVEL_SIDE",
     "Slide",
@@ -56,13 +58,21 @@ _BACKENDS: dict[str, Callable[[Path, float | None], Slide]] = {
 
 
 def open_slide(
-    path: str | os.PathLike, mpp: float | None = None, *, quiet: bool = False, backend: str | None = None
+    path: str | os.PathLike,
+    mpp: float | None = None,
+    *,
+    quiet: bool = False,
+    backend: str | None = None,
+    memory_budget: int | None = None,
 ) -> Slide:
     """Open a slide lazily; raise M2ORTError with an actionable message if we can't.
 
     ``mpp`` (µm per level-0 pixel) overrides the file's metadata. Without either, the
     slide gets ``DEFAULT_MPP`` and, unless ``quiet``, one warning saying how to set it.
     ``backend`` (a key of ``_BACKENDS``, e.g. "openslide") skips format detection.
+    ``memory_budget`` (bytes) caps what decoding a flat image or a one-strip TIFF whole
+    may take (default: ``NAPARI_M2ORT_MAX_DECODE_GB``, else 8 GB or half the RAM); a file
+    over it, or whose header claims more pixels than its data can hold, is refused.
     """
     path = Path(os.fspath(path)).expanduser()
     if mpp is not None:
@@ -84,7 +94,9 @@ def open_slide(
             f"'{path}' is not a TIFF, JPEG, PNG, DICOM or OpenSlide slide (unrecognised file header). "
             "Export the slide as OME-TIFF, TIFF, JPEG or PNG and open that."
         )
-    slide = opener(path, mpp)
+    with budget_scope(memory_budget):
+        slide = opener(path, mpp)
+    slide.decode_budget = memory_budget
     if slide.mpp_source == "default" and not quiet:
         warnings.warn(
             f"'{path}' has no pixel-size metadata; assuming {DEFAULT_MPP} µm/px. If that "

@@ -52,6 +52,7 @@ class Slide:
         native_levels: int,
         closers: Sequence[Callable[[], None]] = (),
         fmt: str = "",
+        verify: Callable[[], Any] | None = None,
     ) -> None:
         self.path = path
         self.name = display_name(path)
@@ -68,6 +69,9 @@ class Slide:
         self.native_levels = native_levels
         self._mpp_override = mpp_override
         self._closers = list(closers)
+        self._verify = verify
+        # The memory budget open_slide was given, so a re-opened (unpickled) slide gets it too.
+        self.decode_budget: int | None = None
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -97,6 +101,16 @@ class Slide:
     def thumbnail(self, max_px: int = 1024) -> tuple[np.ndarray, float]:
         """Whole slide fitting in ``max_px``; returns (image, level-0 px per thumbnail px)."""
         return thumbnail(self, max_px)
+
+    def verify(self) -> None:
+        """Decode as much as it takes to know the pixels are sound; M2ORTError if not.
+
+        Flat images are decoded whole anyway, so the napari reader calls this to fail
+        when the file is opened rather than on each redraw. Tiled files check their tile
+        table and sample tiles when opened, so this does nothing for them.
+        """
+        if self._verify is not None:
+            self._verify()
 
     # -- napari -----------------------------------------------------------------------
     def layer_data(self) -> list[tuple]:
@@ -134,12 +148,12 @@ class Slide:
         self.close()
 
     def __getstate__(self) -> dict:
-        return {"path": str(self.path), "mpp": self._mpp_override}
+        return {"path": str(self.path), "mpp": self._mpp_override, "budget": self.decode_budget}
 
     def __setstate__(self, state: dict) -> None:
         from napari_m2ort.io.slides import open_slide
 
-        fresh = open_slide(state["path"], state["mpp"], quiet=True)
+        fresh = open_slide(state["path"], state["mpp"], quiet=True, memory_budget=state.get("budget"))
         self.__dict__.update(fresh.__dict__)
 
     def __repr__(self) -> str:

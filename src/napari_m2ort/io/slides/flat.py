@@ -1,9 +1,12 @@
 """Flat JPEG/PNG images: no tiles, so the image is decoded once and shared.
 
-Opening reads only the header. The first pixel request decodes the image once into a
-cache shared by every chunk and level, and the lower levels are built from it (the 1/4
-and 1/8 JPEG levels come straight from libjpeg's DCT scaling, much cheaper than decoding
-everything), so the first view in napari does not pay for the full-resolution decode.
+Opening reads the header and checks the file's bytes (``flat_checks``: size claim, PNG
+CRCs, JPEG marker structure) without decoding. The first pixel request verifies the
+JPEG data with a 1/8-scale decode, then decodes the image once into a cache shared by
+every chunk and level; the lower levels are built from it (the 1/4 and 1/8 JPEG levels
+come straight from libjpeg's DCT scaling, much cheaper than decoding everything), so the
+first view in napari does not pay for the full-resolution decode. A file found damaged
+raises the same M2ORTError on every later read, without decoding again.
 EXIF orientation is ignored on purpose: spot coordinates in ST data refer to the stored
 pixels.
 """
@@ -20,6 +23,8 @@ import numpy as np
 
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.io.slides.base import Slide, decode_error, file_token, plausible
+from napari_m2ort.io.slides.budget import check_claim
+from napari_m2ort.io.slides.flat_checks import JpegInfo, check_jpeg, check_png, verify_jpeg
 from napari_m2ort.io.slides.pyramid import CHUNK, half_np, level_shapes
 from napari_m2ort.slide import RGBSpec, bit_ceiling, open_image, resolve_mpp, to_rgb8
 
@@ -60,18 +65,45 @@ class _FlatSource:
     in which levels were first viewed.
     """
 
-    def __init__(self, path: Path, fmt: str, shapes: list[tuple[int, int]], token: str):
+    def __init__(self, path: Path, fmt: str, shapes: list[tuple[int, int]], token: str, jpeg: JpegInfo | None):
         self.path = path
         self.fmt = fmt
         self.shapes = shapes
         self.token = token
+        self.jpeg = jpeg
         self._cache: dict[int, np.ndarray] = {}
         self._locks = [threading.Lock() for _ in shapes]
+        self._verify_lock = threading.Lock()
+        self._verified = jpeg is None  # PNG CRCs were checked at open; zlib errors raise
+        self._failure: M2ORTError | None = None
+
+    def verify(self) -> None:
+        """Check the JPEG data with a 1/8-scale decode (kept as that level), once."""
+        if self._verified:
+            return
+        with self._verify_lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._verified:
+                return
+            try:
+                small, _ = verify_jpeg(self.path, self.jpeg)
+            except Exception as exc:
+                error = exc if isinstance(exc, M2ORTError) else decode_error(self.path, "1/8-scale check", exc)
+                # Kept without its traceback, whose frames would keep decoded pixels alive.
+                self._failure = M2ORTError(str(error))
+                raise error from None
+            if len(self.shapes) > 3 and small.shape[:2] == self.shapes[3]:
+                arr = to_rgb8(small, RGBSpec())
+                arr.setflags(write=False)
+                self._cache[3] = arr
+            self._verified = True
 
     def level(self, k: int) -> np.ndarray:
         arr = self._cache.get(k)
         if arr is not None:
             return arr
+        self.verify()
         with self._locks[k]:
             arr = self._cache.get(k)
             if arr is None:
@@ -117,19 +149,21 @@ class _FlatSource:
         self._cache.clear()
 
     def __reduce__(self):
-        return (_flat_source_for, (str(self.path), self.fmt, self.shapes, self.token))
+        return (_flat_source_for, (str(self.path), self.fmt, self.shapes, self.token, self.jpeg))
 
 
 _FLAT_SOURCES: weakref.WeakValueDictionary[tuple, _FlatSource] = weakref.WeakValueDictionary()
 
 
-def _flat_source_for(path: str, fmt: str, shapes: list[tuple[int, int]], token: str) -> _FlatSource:
+def _flat_source_for(
+    path: str, fmt: str, shapes: list[tuple[int, int]], token: str, jpeg: JpegInfo | None = None
+) -> _FlatSource:
     """Slides and unpickled graphs in one process share one decode cache per file
     version (``token`` covers path, size and mtime)."""
     key = (path, token)
     source = _FLAT_SOURCES.get(key)
     if source is None:
-        source = _FlatSource(Path(path), fmt, [tuple(s) for s in shapes], token)
+        source = _FlatSource(Path(path), fmt, [tuple(s) for s in shapes], token, jpeg)
         _FLAT_SOURCES[key] = source
     return source
 
@@ -176,6 +210,21 @@ def _check_complete(path: Path, fmt: str) -> None:
     )
 
 
+def _check_bytes(path: Path, fmt: str, shape: tuple[int, int]) -> JpegInfo | None:
+    """The checks from the file's bytes (see flat_checks); the JPEG's markers for later."""
+    if fmt == "JPEG":
+        return check_jpeg(path)
+    if fmt == "PNG":
+        check_png(path)
+        return None
+    # Other formats Pillow reads (BMP, WebP, ...): only the memory budget.
+    px = shape[0] * shape[1]
+    check_claim(
+        path, fmt, shape, stored_bytes=path.stat().st_size, raw_bytes=px * 3, max_ratio=None, peak_bytes=px * 11
+    )
+    return None
+
+
 def open_flat(path: Path, user_mpp: float | None) -> Slide:
     try:
         with open_image(path) as im:
@@ -190,6 +239,7 @@ def open_flat(path: Path, user_mpp: float | None) -> Slide:
     if w < 1 or h < 1:
         raise M2ORTError(f"'{path}' is an empty image ({w}x{h} px).")
     _check_complete(path, fmt)
+    jpeg = _check_bytes(path, fmt, (h, w))
     meta_mpp = None
     if dpi:
         try:
@@ -199,7 +249,7 @@ def open_flat(path: Path, user_mpp: float | None) -> Slide:
             meta_mpp = None
     shapes = level_shapes(h, w)
     token = file_token(path)
-    source = _flat_source_for(str(path), fmt, shapes, token)
+    source = _flat_source_for(str(path), fmt, shapes, token, jpeg)
     views = [_FlatLevel(source, k) for k in range(len(shapes))]
     levels = [
         da.from_array(
@@ -223,5 +273,6 @@ def open_flat(path: Path, user_mpp: float | None) -> Slide:
         native_levels=len(levels),
         closers=[source.clear],
         fmt=fmt.lower(),
+        verify=source.verify if jpeg is not None else lambda: source.level(len(shapes) - 1),
     )
     return slide

@@ -52,10 +52,21 @@ def _is_tiff(path: Path) -> bool:
 
 
 def _read_layers(path: Path, *_: Any, **__: Any) -> list[tuple]:
-    """The callable npe2 invokes as read_func(paths, stack=...); our path is bound."""
+    """The callable npe2 invokes as read_func(paths, stack=...); our path is bound.
+
+    A damaged file fails here, while napari opens it and says so once, not on every
+    redraw: ``verify`` decodes flat images now (the overview napari shows first needs
+    that decode anyway, and it is cached).
+    """
     from napari_m2ort.io.slides import open_slide
 
-    return open_slide(path, mpp=env_mpp()).layer_data()
+    slide = open_slide(path, mpp=env_mpp())
+    try:
+        slide.verify()
+    except BaseException:
+        slide.close()
+        raise
+    return slide.layer_data()
 
 
 def env_mpp() -> float | None:

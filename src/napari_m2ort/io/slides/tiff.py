@@ -9,9 +9,7 @@ once. Channel layout, palette, CMYK, alpha and bit depth are fixed per read by
 
 from __future__ import annotations
 
-import re
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,32 +18,14 @@ import dask.array as da
 import numpy as np
 
 from napari_m2ort.errors import M2ORTError
-from napari_m2ort.io.slides.base import NotASlide, Slide, decode_error, file_token, plausible
+from napari_m2ort.io.slides.base import NotASlide, Slide, decode_error, file_token
+from napari_m2ort.io.slides.budget import budget_scope, check_claim, decode_budget
 from napari_m2ort.io.slides.pyramid import CHUNK, extend_pyramid
+from napari_m2ort.io.slides.tiff_mpp import TIFF_MPP_RANGE as _TIFF_MPP_RANGE  # noqa: F401 (dicom, openslide)
+from napari_m2ort.io.slides.tiff_mpp import tiff_mpp
 from napari_m2ort.slide import RGBSpec, bit_ceiling, resolve_mpp, to_rgb8
 
 __all__ = ["is_2d_image", "open_tiff"]
-
-# Resolution tags outside this µm/px range are software defaults (72 dpi = 352.8 µm/px),
-# not microscope calibrations.
-_TIFF_MPP_RANGE = (0.01, 20.0)
-
-_UNIT_TO_UM = {
-    "µm": 1.0,
-    "μm": 1.0,
-    "um": 1.0,
-    "micron": 1.0,
-    "microns": 1.0,
-    "micrometer": 1.0,
-    "nm": 1e-3,
-    "pm": 1e-6,
-    "Å": 1e-4,
-    "mm": 1e3,
-    "cm": 1e4,
-    "m": 1e6,
-    "in": 25400.0,
-    "inch": 25400.0,
-}
 
 
 def _zarr_store(series: Any, level: int) -> Any:
@@ -94,7 +74,56 @@ def _level_array(path: Path, series: Any, s: int, lv: int) -> Any:
             return _Blocked(mm, z.chunks)
     except Exception:  # compressed or scattered data: not mappable
         pass
+    _check_whole_decode(path, series.levels[lv], z.shape)
     return _Blocked(_WholeLevel(z), z.chunks)
+
+
+# Best compression each TIFF codec can reach (raw bytes per stored byte); codecs not
+# listed (zstd, LZMA, ...) have no useful bound and only meet the memory budget.
+_MAX_RATIO = {1: 1.0, 32773: 64.0, 5: 1500.0, 8: 1100.0, 32946: 1100.0, 6: 1200.0, 7: 1200.0}
+
+
+def _check_whole_decode(path: Path, level: Any, shape: Sequence[int]) -> None:
+    """Before a level stored as one huge strip is decoded whole: is its size believable?"""
+    page = level.pages[0] if getattr(level, "pages", None) else level.keyframe
+    raw = int(np.prod(shape)) * np.dtype(level.dtype).itemsize
+    stored = int(sum(getattr(page, "databytecounts", ()) or ()))
+    axes = level.axes
+    h, w = shape[axes.index("Y")], shape[axes.index("X")]
+    check_claim(
+        path,
+        f"a TIFF level stored as one {_codec_name(page)} strip",
+        (h, w),
+        stored_bytes=stored,
+        raw_bytes=raw,
+        max_ratio=_MAX_RATIO.get(int(getattr(page, "compression", 0))),
+        peak_bytes=2 * raw,  # the decoded strip and the array it is copied into
+    )
+
+
+def _codec_name(page: Any) -> str:
+    codec = getattr(page, "compression", 1)
+    return "uncompressed" if int(codec) == 1 else f"{getattr(codec, 'name', codec)}-compressed".lower()
+
+
+def _check_in_file(path: Path, tif: Any, selection: list[tuple[int, int]]) -> None:
+    """A cut-off copy keeps its tile table: tiles past the end of the file fail at open,
+    not one by one in the viewer."""
+    size = path.stat().st_size
+    for k, (s, lv) in enumerate(selection):
+        level = tif.series[s].levels[lv]
+        page = level.pages[0] if getattr(level, "pages", None) else level.keyframe
+        offsets = np.asarray(getattr(page, "dataoffsets", ()) or (), dtype=np.int64)
+        counts = np.asarray(getattr(page, "databytecounts", ()) or (), dtype=np.int64)
+        if len(offsets) != len(counts) or not len(counts):
+            continue
+        beyond = int(((offsets + counts > size) & (counts > 0)).sum())
+        if beyond:
+            raise M2ORTError(
+                f"'{path}' is truncated: {beyond:,} of {len(counts):,} tiles of pyramid level {k} "
+                f"({beyond / len(counts):.0%} of it) lie beyond the end of the file ({size:,} bytes). "
+                "Copy or download it again."
+            )
 
 
 class _Blocked:
@@ -133,9 +162,13 @@ class _TiffSource:
     built on it survive ``Slide.close`` and can travel to other processes.
     """
 
-    def __init__(self, path: Path, selection: list[tuple[int, int]], tif: Any = None):
+    def __init__(
+        self, path: Path, selection: list[tuple[int, int]], tif: Any = None, budget: int | None = None
+    ) -> None:
         self.path = path
         self.selection = selection
+        # The budget in force when the slide was opened, for re-opening after close.
+        self.budget = decode_budget() if budget is None else budget
         self._lock = threading.Lock()
         self._tif = tif
         self._arrays: list[Any] | None = None
@@ -151,7 +184,8 @@ class _TiffSource:
 
                     self._tif = tifffile.TiffFile(self.path)
                 series = self._tif.series
-                self._arrays = [_level_array(self.path, series[s], s, lv) for s, lv in self.selection]
+                with budget_scope(self.budget):
+                    self._arrays = [_level_array(self.path, series[s], s, lv) for s, lv in self.selection]
             return self._arrays
 
     def close(self) -> None:
@@ -162,7 +196,7 @@ class _TiffSource:
                 self._tif = None
 
     def __reduce__(self):
-        return (_TiffSource, (self.path, self.selection))
+        return (_TiffSource, (self.path, self.selection, None, self.budget))
 
 
 class _TiffLevel:
@@ -310,6 +344,7 @@ def open_tiff(path: Path, user_mpp: float | None) -> Slide:
         selection = _select_levels(tif, si)
         series = tif.series[si]
         keyframe = series.keyframe
+        _check_in_file(path, tif, selection)
         source = _TiffSource(path, selection, tif)
         arrays = source.arrays()
         axes = series.axes
@@ -334,7 +369,7 @@ def open_tiff(path: Path, user_mpp: float | None) -> Slide:
         views[0].raw(slice(0, min(th, views[0].shape[0])), slice(0, min(tw, views[0].shape[1])))
         if sample.dtype != np.uint8 and spec.lut is None:
             spec.hi = bit_ceiling(sample)
-        meta_mpp = _tiff_mpp(tif, si, keyframe)
+        meta_mpp = tiff_mpp(path, tif, si, keyframe) if user_mpp is None else None
     except M2ORTError:
         tif.close()
         raise
@@ -408,74 +443,6 @@ def _tiff_spec(keyframe: Any, axes: str, shape: Sequence[int]) -> RGBSpec:
         extras = tuple(getattr(keyframe, "extrasamples", ()) or ())
         alpha = "premultiplied" if extras[:1] == (1,) else "straight"
     return RGBSpec(alpha=alpha, invert=photometric == 0 and n < 3)
-
-
-def _tiff_mpp(tif: Any, si: int, keyframe: Any) -> float | None:
-    """µm/px from OME, Aperio, ImageJ or resolution tags, in that order of trust."""
-    if tif.is_ome and tif.ome_metadata:
-        mpp = _ome_mpp(tif.ome_metadata, si)
-        if mpp is not None:
-            return mpp
-    description = getattr(tif.pages[0], "description", "") or ""
-    match = re.search(r"\bMPP\s*=\s*([0-9.]+(?:[eE][-+]?\d+)?)", description)
-    if match:
-        mpp = plausible(float(match.group(1)), _TIFF_MPP_RANGE)
-        if mpp is not None:
-            return mpp
-    tags = keyframe.tags
-    xres = tags.get("XResolution")
-    yres = tags.get("YResolution")
-    unit_tag = tags.get("ResolutionUnit")
-    unit = int(unit_tag.value) if unit_tag is not None else 1
-    per_px: list[float] = []
-    for tag in (xres, yres):
-        if tag is None:
-            continue
-        value = tag.value
-        ppu = value[0] / value[1] if isinstance(value, tuple) and value[1] else float(value)
-        if ppu > 0:
-            per_px.append(1.0 / ppu)
-    if not per_px:
-        return None
-    upp = sum(per_px) / len(per_px)  # units per pixel
-    if unit == 3:
-        return plausible(upp * 1e4, _TIFF_MPP_RANGE)
-    if unit == 2:
-        return plausible(upp * 25400.0, _TIFF_MPP_RANGE)
-    imagej = getattr(tif, "imagej_metadata", None) or {}
-    scale = _UNIT_TO_UM.get(str(imagej.get("unit", "")).replace("\\u00B5", "µ"))
-    if scale is not None:
-        return plausible(upp * scale, _TIFF_MPP_RANGE)
-    return None
-
-
-def _ome_mpp(xml: str, si: int) -> float | None:
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    images = [el for el in root if el.tag.endswith("Image")]
-    if not images:
-        return None
-    image = images[si] if si < len(images) else images[0]
-    pixels = next((el for el in image if el.tag.endswith("Pixels")), None)
-    if pixels is None:
-        return None
-    values = []
-    for axis in ("X", "Y"):
-        raw = pixels.get(f"PhysicalSize{axis}")
-        if raw is None:
-            continue
-        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
-        scale = _UNIT_TO_UM.get(unit)
-        try:
-            if scale is not None:
-                values.append(float(raw) * scale)
-        except ValueError:
-            continue
-    if not values:
-        return None
-    return plausible(sum(values) / len(values), _TIFF_MPP_RANGE)
 
 
 def is_2d_image(path: Path) -> bool:
