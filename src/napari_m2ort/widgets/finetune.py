@@ -294,7 +294,7 @@ class FinetuneWidget(QWidget):
             precision="auto", schedule=s.schedule, warmup_epochs=1.0 if s.schedule == "cosine" else 0.0,
         )  # fmt: skip
         return FineTuneRequest(
-            sections=sections, model=s.model, genes=gene_spec(s), val=s.val or "blocks", config=cfg,
+            sections=sections, model=s.model.removeprefix("file:"), genes=gene_spec(s), val=s.val or "blocks", config=cfg,
             out_path=self._tmpdir / f"finetuned-{int(time.time())}.safetensors",
         )  # fmt: skip
 
