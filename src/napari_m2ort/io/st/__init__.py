@@ -20,6 +20,7 @@ from pathlib import Path
 from ...errors import M2ORTError
 from ...targets import log1p_cpm
 from .h5ad import read_h5ad
+from .hest import read_hest
 from .image import image_size
 from .legacy import read_her2st, read_legacy_st
 from .section import (
@@ -40,6 +41,7 @@ __all__ = [
     "read_legacy_st",
     "read_visium",
     "read_h5ad",
+    "read_hest",
     "read_section",
     "image_size",
     "log1p_cpm",
