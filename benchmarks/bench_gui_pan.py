@@ -16,7 +16,7 @@ import numpy as np
 
 
 def main():
-    import napari_m2ort  # noqa: F401  (torch before Qt)
+    import napari_m2ort  # noqa: F401, I001  (torch before Qt)
     import napari
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
@@ -57,7 +57,9 @@ def main():
     n = len(widget.predictions_layer().data) if widget.predictions_layer() is not None else 0
     print("| spots | Predict → all spots shown (s) | pan steps | gap median (ms) | gap p95 (ms) | gap max (ms) |")
     print("|---|---|---|---|---|---|")
-    print(f"| {n} | {t_done:.1f} | {len(ticks)} | {np.median(gaps):.0f} | {np.percentile(gaps, 95):.0f} | {gaps.max():.0f} |")
+    print(
+        f"| {n} | {t_done:.1f} | {len(ticks)} | {np.median(gaps):.0f} | {np.percentile(gaps, 95):.0f} | {gaps.max():.0f} |"
+    )
     viewer.close()
 
 

@@ -16,8 +16,28 @@ pytestmark = pytest.mark.gui
 
 SHOTS = Path("/tmp/m2ort_shots")
 TIMEOUT_MS = 240_000
-SAMPLE_GENES = ("IGKC", "IGLC2", "ERBB2", "IGHG3", "TMSB10", "PSMB3", "IGHA1", "MUCL1", "ACTG1", "TFF3",
-                "ACTB", "SERF2", "PPP1R1B", "IGHM", "MUC6", "PSMD3", "PFN1", "MIEN1", "MGP", "DDX5")
+SAMPLE_GENES = (
+    "IGKC",
+    "IGLC2",
+    "ERBB2",
+    "IGHG3",
+    "TMSB10",
+    "PSMB3",
+    "IGHA1",
+    "MUCL1",
+    "ACTG1",
+    "TFF3",
+    "ACTB",
+    "SERF2",
+    "PPP1R1B",
+    "IGHM",
+    "MUC6",
+    "PSMD3",
+    "PFN1",
+    "MIEN1",
+    "MGP",
+    "DDX5",
+)
 # about 50 measured spots of C2 (x0, y0, x1, y1 in µm): 29 train / 20 validation by blocks
 TRAIN_RECT = (3000.0, 3400.0, 4400.0, 4800.0)
 
@@ -43,8 +63,6 @@ def start_model(tmp_path_factory):
     return path
 
 
-
-
 def _dock(viewer, start_model):
     _, widget = viewer.window.add_plugin_dock_widget("napari-m2ort", "Fine-tune")
     if start_model is not None:
@@ -58,8 +76,9 @@ def _wait(qtbot, widget):
 
 def _train_region(viewer):
     x0, y0, x1, y1 = TRAIN_RECT
-    shapes = viewer.add_shapes(name="M2ORT regions", face_color="transparent", edge_color="yellow",
-                               edge_width=8, units=viewer.layers[0].units)
+    shapes = viewer.add_shapes(
+        name="M2ORT regions", face_color="transparent", edge_color="yellow", edge_width=8, units=viewer.layers[0].units
+    )
     shapes.add_rectangles(np.array([[y0, x0], [y1, x1]]))
     return shapes
 

@@ -19,12 +19,33 @@ pytestmark = pytest.mark.gui
 SHOTS = Path("/tmp/m2ort_shots")
 TIMEOUT_MS = 180_000
 # 20 of the most expressed genes of the sample section C2 (ERBB2 among them)
-SAMPLE_GENES = ("IGKC", "IGLC2", "ERBB2", "IGHG3", "TMSB10", "PSMB3", "IGHA1", "MUCL1", "ACTG1", "TFF3",
-                "ACTB", "SERF2", "PPP1R1B", "IGHM", "MUC6", "PSMD3", "PFN1", "MIEN1", "MGP", "DDX5")
+SAMPLE_GENES = (
+    "IGKC",
+    "IGLC2",
+    "ERBB2",
+    "IGHG3",
+    "TMSB10",
+    "PSMB3",
+    "IGHA1",
+    "MUCL1",
+    "ACTG1",
+    "TFF3",
+    "ACTB",
+    "SERF2",
+    "PPP1R1B",
+    "IGHM",
+    "MUC6",
+    "PSMD3",
+    "PFN1",
+    "MIEN1",
+    "MGP",
+    "DDX5",
+)
 _MASKS: dict = {}
 
 
 # ------------------------------------------------------------------ fixtures
+
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
@@ -46,8 +67,6 @@ def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_checkpoint(model, card, path)
     return path
-
-
 
 
 def _dock(viewer, model_path):
@@ -88,6 +107,7 @@ def _card(widget):
 
 
 # ------------------------------------------------------------------ tests
+
 
 def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model_path, tmp_path, monkeypatch):
     import anndata as ad
@@ -182,8 +202,7 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     # hovering a spot shows its id and value
     from types import SimpleNamespace
 
-    widget._on_hover(layer, SimpleNamespace(position=tuple(layer.data[0]), view_direction=None,
-                                            dims_displayed=[0, 1]))
+    widget._on_hover(layer, SimpleNamespace(position=tuple(layer.data[0]), view_direction=None, dims_displayed=[0, 1]))
     assert widget.hover_label.text().startswith(str(layer.metadata["spot_ids"][0]))
     # side by side with the measured spots: a 1×2 grid, undone when unticked
     order = [ly.name for ly in viewer.layers]
@@ -221,7 +240,7 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     rgb = shot[..., :3].astype(float)
     assert rgb.std() > 20  # not a blank/black canvas
     colours = np.unique(np.round(layer.face_color[:, :3] * 255), axis=0)
-    pixels = rgb.reshape(-1, 3)[:: 7]
+    pixels = rgb.reshape(-1, 3)[::7]
     found = sum(np.min(np.abs(pixels - c).sum(axis=1)) < 12 for c in colours)
     assert found >= max(1, len(colours) // 2)
 
@@ -234,8 +253,9 @@ def test_cancel_keeps_partial_predictions(make_napari_viewer, qtbot, model_path)
     shapes = widget.add_regions_layer()
     shapes.add_rectangles(np.array([[3600.0, 3400.0], [4200.0, 4000.0]]))
     widget.predict_regions()
-    qtbot.waitUntil(lambda: widget.predictions_layer() is not None
-                    and len(widget.predictions_layer().data) > 0, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(
+        lambda: widget.predictions_layer() is not None and len(widget.predictions_layer().data) > 0, timeout=TIMEOUT_MS
+    )
     assert widget.cancel_btn.isEnabled()
     widget.cancel()
     _wait(qtbot, widget)
@@ -327,8 +347,10 @@ def test_predict_tissue_custom_layout(make_napari_viewer, qtbot, model_path):
     assert widget.last_error is None, widget.last_error
     slide = open_slide(slide_layer.metadata["path"], mpp=slide_layer.metadata["mpp"])
     h, w = slide.size_um
-    expected = restrict_to_tissue(layout_spots((0, 0, w, h), "custom", pitch_um=700.0, diameter_um=150.0,
-                                               slide_size_um=slide.size_um), tissue_mask(slide))
+    expected = restrict_to_tissue(
+        layout_spots((0, 0, w, h), "custom", pitch_um=700.0, diameter_um=150.0, slide_size_um=slide.size_um),
+        tissue_mask(slide),
+    )
     layer = widget.predictions_layer()
     assert set(layer.metadata["spot_ids"]) == set(map(str, expected.ids))
     assert np.allclose(layer.size, 150.0) and layer.metadata["layout"] == "custom"
