@@ -38,6 +38,8 @@ _SCOPE: ContextVar[int | None] = ContextVar("m2ort_decode_budget", default=None)
 @contextmanager
 def budget_scope(nbytes: int | None) -> Iterator[None]:
     """Use ``nbytes`` as the budget for the slides opened inside the block (None: keep)."""
+    if nbytes is not None and not (isinstance(nbytes, (int, float)) and 0 < nbytes < float("inf")):
+        raise M2ORTError(f"memory_budget={nbytes!r} is not a positive number of bytes (e.g. 16 * 2**30 for 16 GB).")
     token = _SCOPE.set(int(nbytes) if nbytes is not None else _SCOPE.get())
     try:
         yield

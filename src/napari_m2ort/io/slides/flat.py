@@ -87,13 +87,13 @@ class _FlatSource:
             if self._verified:
                 return
             try:
-                small, _ = verify_jpeg(self.path, self.jpeg)
+                small, mode = verify_jpeg(self.path, self.jpeg)
             except Exception as exc:
                 error = exc if isinstance(exc, M2ORTError) else decode_error(self.path, "1/8-scale check", exc)
                 # Kept without its traceback, whose frames would keep decoded pixels alive.
                 self._failure = M2ORTError(str(error))
                 raise error from None
-            if len(self.shapes) > 3 and small.shape[:2] == self.shapes[3]:
+            if len(self.shapes) > 3 and small.shape[:2] == self.shapes[3] and mode in ("RGB", "L"):
                 arr = to_rgb8(small, RGBSpec())
                 arr.setflags(write=False)
                 self._cache[3] = arr

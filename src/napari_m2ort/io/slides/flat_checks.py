@@ -311,6 +311,8 @@ def _check_grey_ends(path: Path, info: JpegInfo, small: np.ndarray) -> None:
     out of data there; real grey image content stays as it was."""
     rows, cols = info.mcu
     total = rows * cols
+    if not total:
+        return  # height given later in the file (DNL): nothing to locate blocks by
     hmax = max(h for h, _ in info.sampling)
     vmax = max(v for _, v in info.sampling)
     ys = np.minimum(np.arange(rows) * vmax, small.shape[0] - 1)
