@@ -1,5 +1,7 @@
 """Measured-vs-predicted comparison by nearest spot (no Qt)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,38 @@ def test_compare_gene_too_few_or_constant():
 
 def test_comparison_is_a_value():
     assert Comparison("G", 0.5, 10) == Comparison("G", 0.5, 10)
+
+
+def _section(var_names, var=None, image="/tmp/slide.jpg"):
+    import anndata as ad
+    import pandas as pd
+
+    from napari_m2ort.io.st import STSection
+
+    x = np.ones((3, len(var_names)), np.float32)
+    adata = ad.AnnData(X=x, var=pd.DataFrame(var or {}, index=list(var_names)))
+    adata.obsm["spatial"] = np.arange(6, dtype=float).reshape(3, 2)
+    return STSection(adata=adata, image_path=Path(image), mpp=1.0, mpp_source="user", name="s")
+
+
+def test_with_symbols_maps_ensembl_ids_through_var_columns():
+    from napari_m2ort.compare import with_symbols
+
+    ids = ["ENSG00000141736", "ENSG00000141738", "ENSG00000171345"]
+    sec = _section(ids, {"gene_ids": ids, "feature_name": ["ERBB2", "GRB7", "KRT19"]})
+    out, column = with_symbols(sec, ["ERBB2", "KRT19", "CD24"])
+    assert column == "feature_name" and list(out.adata.var_names) == ["ERBB2", "GRB7", "KRT19"]
+    assert list(sec.adata.var_names) == ids  # the caller's section is left alone
+    same, column = with_symbols(_section(["ERBB2", "GRB7"]), ["ERBB2"])
+    assert column is None and list(same.adata.var_names) == ["ERBB2", "GRB7"]
+
+
+def test_same_slide_needs_the_sections_own_image(tmp_path):
+    from napari_m2ort.compare import same_slide
+
+    img = tmp_path / "a.jpg"
+    img.write_bytes(b"x")
+    sec = _section(["G"], image=str(img))
+    assert same_slide(str(img), sec)
+    assert not same_slide(str(tmp_path / "b.jpg"), sec)
+    assert not same_slide(None, sec)

@@ -34,7 +34,55 @@ def describe_card(card) -> str:
     val = metrics.get("validation") or metrics.get("test") or {}
     pcc = val.get("pcc_gene_mean") if isinstance(val, dict) else None
     extra = f", val PCC-gene {pcc:.2f}" if isinstance(pcc, (int, float)) else ""
+    cv = cross_validated_pcc(card)
+    if cv is not None:
+        extra = f"; cross-validated PCC-gene {cv[0]:.2f} ({cv[1]})"
     return f"{card.variant}, {len(card.genes)} genes, {card.mpp:g} µm/px, {card.fov_um:.0f} µm field{extra}"
+
+
+VARIANT_NAMES = {"m2ort_small": "M2ORT-S", "m2ort_base": "M2ORT-B", "m2ort_large": "M2ORT-L"}
+
+
+def model_name(card, spec: Optional[str] = None) -> str:
+    """What a layer, a legend and a colorbar call the model: "M2ORT-S bundled",
+    "fine-tuned on C3 (2026-11-30)", or the checkpoint's file name."""
+    variant = VARIANT_NAMES.get(str(card.variant), str(card.variant))
+    data = str(getattr(card, "training_data", "") or "")
+    if data.startswith("fine-tuned"):
+        on = data.split(" on ", 1)[1] if " on " in data else data
+        on = on.split(" (", 1)[0].strip() or "user data"
+        day = str(getattr(card, "created", "") or "")[:10]
+        return f"fine-tuned on {on}" + (f" ({day})" if day else "")
+    if spec == BUNDLED:
+        return f"{variant} bundled"
+    if spec and spec.startswith("file:"):
+        return f"{variant} {Path(spec[5:]).stem}"
+    return variant
+
+
+def cross_validated_pcc(card) -> Optional[tuple[float, str]]:
+    """(PCC-gene mean over held-out sections, what it is) from the card's metrics, for the
+    recipe the card was trained with; None when the card has no cross-validation."""
+    import re
+
+    metrics = card.metrics or {}
+    command = str(metrics.get("training_command", ""))
+    lr = re.search(r"--lr\s+(\S+)", command)
+    schedule = re.search(r"--schedule\s+(\S+)", command)
+    for key, runs in metrics.items():
+        if not key.startswith("leave_one_section_out_cv") or not isinstance(runs, dict):
+            continue
+        recipes = [k for k in runs if str(k).startswith(str(card.variant))]
+        if lr is not None:
+            same = [k for k in recipes if f"lr {float(lr.group(1)):g}" in k]
+            same = [k for k in same if schedule is None or schedule.group(1) in k] or same
+            recipes = same or recipes
+        for k in recipes:
+            value = (runs[k].get("mean_over_folds") or {}).get("pcc_gene_mean")
+            if isinstance(value, (int, float)):
+                where = key.replace("leave_one_section_out_cv", "leave-one-section-out").replace("_", " ")
+                return float(value), where.strip()
+    return None
 
 
 class ModelCatalogue:

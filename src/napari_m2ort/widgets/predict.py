@@ -30,6 +30,7 @@ from .panels.compare import Comparison
 from .panels.display import Display, DisplayPanel, default_gene
 from .panels.export import ExportPanel, write_layer
 from .panels.inputs import LAYOUT_CHOICES, InputsPanel
+from .panels.measured import AtMeasured, MeasuredPanel
 from .panels.run import RunPanel
 from .state import DisplayState, PredictSettings, RunState, RunSummary
 
@@ -67,7 +68,8 @@ class PredictWidget(QWidget):
         self.run_panel = RunPanel(self.settings)
         self.display_panel = DisplayPanel(self.display)
         self.export_panel = ExportPanel()
-        for panel in (self.inputs, self.run_panel, self.display_panel, self.export_panel):
+        self.measured_panel = MeasuredPanel()
+        for panel in (self.inputs, self.run_panel, self.display_panel, self.measured_panel, self.export_panel):
             root.addWidget(panel)
         root.addStretch(1)
         self.renderer = Display(self.viewer, self.display, self.display_panel, on_changed=self._compare_update)
@@ -92,9 +94,11 @@ class PredictWidget(QWidget):
                 "compare_check hover_label compare_label",
             ),
             (self.export_panel, "export_h5ad_btn export_csv_btn clear_btn"),
+            (self.measured_panel, "predict_measured_btn summary_label gene_table"),
         ):
             for name in names.split():
                 setattr(self, name, getattr(panel, name))
+        self.at_measured = AtMeasured(self, self.measured_panel)
         self._update_buttons()
         compact_combos(self)
         fit_width(self)
@@ -242,6 +246,10 @@ class PredictWidget(QWidget):
 
     def predict_tissue(self):
         return self._start("tissue")
+
+    def predict_at_measured(self):
+        """Predict at the measured spots of this slide and score them (``AtMeasured``)."""
+        return self.at_measured.start()
 
     @property
     def running(self) -> bool:
@@ -424,6 +432,7 @@ class PredictWidget(QWidget):
         busy = self.running
         can_start = not busy and self.slide_combo.count() > 0 and self.model_combo.count() > 0
         self.run_panel.enable(can_start, busy and not (self.job is not None and self.job.cancelled))
+        self.measured_panel.enable(can_start)
         layer = self.display.layer
         self.export_panel.enable(layer is not None and len(layer.data) > 0 and not busy)
 

@@ -34,6 +34,9 @@ class PredictSettings:
     batch_size: int = 64
     compile: bool = False
     regions: str = ""  # name of the Shapes layer with the regions
+    tta: str = "none"  # test-time augmentation (tta.TTA_MODES), as the CLI's --tta
+    smooth_um: float = 0.0  # smoothing sigma over neighbouring spots, as --smooth-um
+    force: bool = False  # predict on a slide far coarser than the model anyway
 
 
 @evented
@@ -47,6 +50,7 @@ class DisplayState:
     clim: tuple = (0.0, 1.0)
     heatmap: bool = False
     side_by_side: bool = False
+    show_flagged: bool = False  # spots flagged off-slide / blank / not-HE drawn too
 
 
 @dataclass
@@ -107,6 +111,7 @@ class FinetuneSettings:
     st_format: str = "legacy"  # legacy | visium | h5ad
     st_mpp: float = 0.0  # 0: the data's own pixel size
     only_in_regions: bool = False
+    sections: tuple = ()  # names of the loaded sections ticked for training (Train needs one)
     model: Optional[str] = None  # "bundled" or a checkpoint path
     genes_mode: str = "model"  # model | top | list
     top_n: int = 250
@@ -116,5 +121,5 @@ class FinetuneSettings:
     schedule: str = "constant"  # constant | cosine
     batch_size: int = 32
     mode: str = "full"  # full | head
-    val: str = "blocks"  # blocks | none | a section name
+    val: str = "blocks"  # blocks | none | the name of a section held out
     device: str = "auto"
