@@ -116,6 +116,20 @@ def test_sc_pl_spatial_plots_without_extra_arguments(h5ad, tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_squidpy_spatial_scatter(h5ad, tmp_path):
+    """squidpy's successor of sc.pl.spatial reads the same uns["spatial"] structure."""
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    import squidpy as sq
+
+    a = ad.read_h5ad(h5ad)
+    sq.pl.spatial_scatter(a, color="ERBB2", save=None)
+    ax = plt.gcf().axes[0]
+    assert ax.images and max(ax.images[0].get_array().shape[:2]) == export.HIRES_PX
+    plt.savefig(tmp_path / "scatter.png", dpi=40)
+    plt.close("all")
+
+
 def test_squidpy_spatial_neighbors(h5ad):
     import anndata as ad
     import squidpy as sq

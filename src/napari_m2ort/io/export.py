@@ -85,7 +85,7 @@ def atomic_write_text(path, text: str) -> Path:
 
 def write_h5ad(adata, path) -> Path:
     path = Path(path)
-    if path.suffix != ".h5ad":
+    if path.suffix.lower() != ".h5ad":
         raise M2ORTError(f"{path}: predictions are written as AnnData; give a file name ending in .h5ad.")
     # gzip: the stored thumbnails (and a dense X) shrink several-fold; every reader decodes it
     return _atomic(path, lambda p: adata.write_h5ad(p, compression="gzip"))
