@@ -269,3 +269,52 @@ def predict_widget_for(viewer):
         except RuntimeError:  # its C++ side is gone
             continue
     return None
+
+
+_DOCKED_WIDGETS: weakref.WeakSet = weakref.WeakSet()  # every napari-m2ort dock widget
+
+
+def _dock_of(widget):
+    from qtpy.QtWidgets import QDockWidget
+
+    parent = widget.parent()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parent()
+    return parent
+
+
+def tab_with_siblings(widget) -> bool:
+    """Tab ``widget``'s dock with another napari-m2ort dock of the same viewer and side.
+
+    Stacked in one column of a 1000 px screen, the Predict and Fine-tune docks each get
+    a few rows; as tabs each keeps the whole height.  Call it when the widget is first
+    shown (each widget registers itself here); returns whether the docks are tabbed.
+    """
+    from qtpy.QtWidgets import QMainWindow
+
+    _DOCKED_WIDGETS.add(widget)
+    try:
+        mine = _dock_of(widget)
+    except RuntimeError:  # deleted before a deferred call
+        return False
+    window = mine.parent() if mine is not None else None
+    if mine is None or mine.isFloating() or not isinstance(window, QMainWindow):
+        return False
+    viewer = unwrap(getattr(widget, "viewer", None))
+    for other in list(_DOCKED_WIDGETS) + list(_PREDICT_WIDGETS):
+        try:
+            if other is widget or unwrap(getattr(other, "viewer", None)) is not viewer:
+                continue
+            dock = _dock_of(other)
+            if dock is None or dock is mine or dock.isFloating() or not dock.isVisible():
+                continue
+            if window.dockWidgetArea(dock) != window.dockWidgetArea(mine):
+                continue
+            if mine not in window.tabifiedDockWidgets(dock):
+                window.tabifyDockWidget(dock, mine)
+            mine.show()
+            mine.raise_()
+            return True
+        except RuntimeError:  # its C++ side is gone
+            continue
+    return False

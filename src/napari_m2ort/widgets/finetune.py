@@ -4,6 +4,11 @@ A composer of panels (``panels/st_data``, ``train_settings``, ``train_run``, ``p
 over ``FinetuneSettings``.  Reading goes through ``io.st``; the training itself is the
 use-case layer's ``pipelines.fine_tune`` job (the same one the CLI's ``train`` runs),
 in a napari thread worker with a live plot.
+
+A fine-tune offered for saving is always a whole epoch: cancelling keeps the best
+completed epoch, and inside the first epoch nothing is kept (the starting model is
+untouched; the training worked on a copy).  The saved card describes this training
+only (``_tuned_card``), never the starting model's own evaluation.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from typing import Optional
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QWidget
+from qtpy.QtWidgets import QFileDialog, QTabWidget, QWidget
 
 from ..errors import Cancelled, M2ORTError
 from ..progress import Progress
 from . import _layers as L
 from ._models import ModelCatalogue
 from ._qt import compact_combos, fit_width, scroll_body
-from ._workers import cancel_on_destroy, notify, predict_widget_for, run_in_thread, start_job
+from ._tuned_card import describe_training, kept_epoch_words, per_section_words
+from ._workers import cancel_on_destroy, notify, predict_widget_for, run_in_thread, start_job, tab_with_siblings
 from .panels.plot import LivePlot
 from .panels.st_data import FORMATS, DataPanel
 from .panels.train_run import ResultPanel, TrainRunPanel
@@ -53,6 +59,10 @@ class FinetuneWidget(QWidget):
         self._tmpdir = Path(tempfile.mkdtemp(prefix="m2ort-finetune-"))
         weakref.finalize(self, shutil.rmtree, str(self._tmpdir), True)
         self._t0 = 0.0
+        self._run = None  # (request, starting-model label) of the training in flight
+        self._epoch = 0  # the epoch the training is in (from its progress)
+        self._handed = None  # (weak Predict widget, its spec) after "Use for prediction"
+        self._tabbed = False
         self._build()
         ev = self.viewer.layers.events
         ev.inserted.connect(self._refresh)
@@ -64,12 +74,15 @@ class FinetuneWidget(QWidget):
         root = scroll_body(self)
         self.data_panel = DataPanel(self.settings)
         self.settings_panel = TrainSettingsPanel(self.settings, self.models)
+        # the two forms as tabs: the run controls and the plot stay on screen below them
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.data_panel, "Data")
+        self.tabs.addTab(self.settings_panel, "Training")
         self.run_panel = TrainRunPanel()
-        self.settings_panel.form.addRow(self.run_panel)
         self.plot = LivePlot()
         self.result_panel = ResultPanel()
-        root.addWidget(self.data_panel)
-        root.addWidget(self.settings_panel)
+        root.addWidget(self.tabs)
+        root.addWidget(self.run_panel)
         root.addWidget(self.plot, 1)
         root.addWidget(self.result_panel)
         # the widget's public face (scripts and the tests drive these)
@@ -90,7 +103,7 @@ class FinetuneWidget(QWidget):
             for name in names.split():
                 setattr(self, name, getattr(panel, name))
         self.load_btn.clicked.connect(lambda: self.load())
-        self.sections_list.itemChanged.connect(lambda *_: self._refresh_val_choices())
+        self.settings.events.sections.connect(self._sections_changed)
         self.model_browse.clicked.connect(lambda: self.add_checkpoint(None))
         self.train_btn.clicked.connect(self.train)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -124,7 +137,11 @@ class FinetuneWidget(QWidget):
         self._update_buttons()
 
     def selected_sections(self) -> list:
-        return [self.sections[n] for n in self.data_panel.ticked() if n in self.sections]
+        return [self.sections[n] for n in self.settings.sections if n in self.sections]
+
+    def _sections_changed(self, *_) -> None:
+        self._refresh_val_choices()
+        self._update_buttons()
 
     def _refresh_val_choices(self) -> None:
         self.settings_panel.set_val_choices([s.name for s in self.selected_sections()])
@@ -318,6 +335,10 @@ class FinetuneWidget(QWidget):
 
         self.plot.clear()
         self.result = None
+        self.saved_path = None
+        self._handed = None
+        self._run = (request, self.model_combo.currentText() or str(request.model))
+        self._epoch = 0
         self._t0 = time.perf_counter()
         self.run_panel.busy()
         self.status.setText("Preparing…")
@@ -332,7 +353,11 @@ class FinetuneWidget(QWidget):
     def cancel(self) -> None:
         if self.running:
             self.job.cancel()
-            self.status.setText("Stopping after the current step (the best model so far is kept)…")
+            self.status.setText(
+                "Stopping after the current step: the best finished epoch is kept (none yet: the starting model)…"
+                if self._epoch <= 1 and not self.plot.epochs
+                else "Stopping after the current step: the best finished epoch is kept…"
+            )
             self._update_buttons()
 
     def _on_progress(self, ev: Progress) -> None:
@@ -343,33 +368,63 @@ class FinetuneWidget(QWidget):
             self.run_panel.progress(ev.done, ev.total)
             self.status.setText(f"{'Sampling patches' if ev.stage == 'patches' else 'Training'}: {ev.message}")
             if ev.stage == "train" and "loss" in d:
+                self._epoch = int(d.get("epoch", self._epoch))
                 self.plot.add_step(int(d["step"]), float(d["loss"]), int(d.get("epoch", 0)))
         elif ev.stage == "epoch":
             val = d.get("val") or {}
             pcc = val.get("pcc_gene_mean") if isinstance(val, dict) else None
-            self.plot.add_epoch(
-                int(d.get("epoch", ev.done)),
-                float(d.get("train_loss", np.nan)),
-                float(pcc) if pcc is not None else None,
-            )
-            self.status.setText(ev.message)
+            epoch = int(d.get("epoch", ev.done))
+            self.plot.add_epoch(epoch, float(d.get("train_loss", np.nan)), float(pcc) if pcc is not None else None)
+            self.status.setText(self._epoch_words(epoch, ev.total, d))
+
+    @staticmethod
+    def _epoch_words(epoch: int, total: int, record: dict) -> str:
+        """'Epoch 2/5: loss 0.512; validation PCC-gene 0.310 (mean over sections: …)'."""
+        msg = f"Epoch {epoch}/{total}: loss {float(record.get('train_loss', np.nan)):.4f}"
+        val = record.get("val")
+        if isinstance(val, dict):
+            pcc = val.get("pcc_gene_mean")
+            msg += "; validation PCC-gene " + (f"{pcc:.3f}" if isinstance(pcc, (int, float)) else "n/a")
+            per = per_section_words(val)
+            if per:
+                msg += f" (mean over sections: {per})"
+        return msg
 
     def _on_trained(self, result) -> None:
         seconds = time.perf_counter() - self._t0
-        if result is None:
-            self.status.setText("Cancelled before training started.")
-            return
-        self.result = result
-        pcc = (result.best_metrics or {}).get("pcc_gene_mean")
-        msg = f"{'Stopped' if result.stopped else 'Done'}: {result.epochs_done} epoch(s) in {seconds:.0f} s"
-        if pcc is not None:
-            msg += f"; best epoch {result.best_epoch}, val PCC-gene {pcc:.3f}"
-        self.status.setText(msg + ". Save it, or use it for prediction.")
         self.run_panel.complete()
+        request, started_from = self._run or (None, "the starting model")
+        if result is None:
+            self.status.setText("Cancelled while sampling patches: the starting model is unchanged; nothing to save.")
+            return
+        if result.stopped and (result.best_epoch is None or result.best_epoch < 1):
+            # the model is half-updated: drop it (the starting model was never touched)
+            why = "no epoch finished" if result.epochs_done < 1 else "no finished epoch had a validation score"
+            self.status.setText(
+                f"Cancelled in epoch {result.epochs_done + 1}: {why}, the starting weights are kept; nothing to save."
+            )
+            return
+        result.card = describe_training(
+            result, started_from=started_from, sections=request.sections if request else [],
+            val=request.val if request else "blocks", epochs_planned=request.config.epochs if request else 0,
+        )  # fmt: skip
+        self.result = result
+        kept = kept_epoch_words(result)
+        if result.stopped:
+            msg = f"Cancelled in epoch {result.epochs_done + 1}: {kept}"
+        else:
+            msg = f"Done: {result.epochs_done} epoch(s) in {seconds:.0f} s" + (f"; {kept}" if kept else "")
+        self.status.setText(msg + ". Save it, or use it for prediction.")
 
     def _update_buttons(self, *_) -> None:
         busy = self.running
-        self.train_btn.setEnabled(not busy and self.model_combo.count() > 0)
+        has_data = bool(self.selected_sections())
+        self.train_btn.setEnabled(not busy and has_data and self.model_combo.count() > 0)
+        self.train_btn.setToolTip(
+            "Train on the ticked sections"
+            if has_data
+            else "Load measured spots (or open the sample) and tick a section first"
+        )
         self.load_btn.setEnabled(not busy)
         self.cancel_btn.setEnabled(busy and not self.job.cancelled)
         have = self.result is not None and not busy
@@ -377,11 +432,19 @@ class FinetuneWidget(QWidget):
         self.use_btn.setEnabled(have)
 
     # ================================================================== results
+    def model_label(self) -> str:
+        """How the Predict widget lists this model: its file once saved, else "(unsaved)"."""
+        names = ", ".join(str(n) for n in (self.result.card.metrics.get("fine_tune") or {}).get("sections", {}))
+        what = f"fine-tuned on {names}" if names else "fine-tuned"
+        if self.saved_path is not None:
+            return f"{self.saved_path.name} ({what})"
+        return f"{what}, {self.result.card.created[:16].replace('T', ' ')} (unsaved)"
+
     def save(self, path=None) -> Optional[Path]:
         from ..model.weights import save_checkpoint
 
         if self.result is None:
-            self._fail("There is no fine-tuned model yet: press Train first.")
+            self._fail("There is no fine-tuned model to save: train (at least one whole epoch) first.")
             return None
         path = Path(path) if path is not None else self.result_panel.ask_path()
         if path is None:
@@ -389,14 +452,8 @@ class FinetuneWidget(QWidget):
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         try:
-            ckpt = self.result.checkpoint
-            if ckpt is not None and Path(ckpt).is_file():
-                # the best epoch as written by training (atomic copy)
-                tmp = path.with_name(f".{path.name}.tmp")
-                shutil.copyfile(ckpt, tmp)
-                tmp.replace(path)
-            else:
-                save_checkpoint(self.result.model, self.result.card, path)
+            # the kept epoch's weights (training reloads them) with this training's card
+            save_checkpoint(self.result.model, self.result.card, path)
         except M2ORTError as exc:
             self._fail(str(exc))
             return None
@@ -404,9 +461,24 @@ class FinetuneWidget(QWidget):
             self._fail(f"{path}: could not be written ({exc.strerror or exc}); choose another folder.")
             return None
         self.saved_path = path
+        self._relabel_handed()
         self.status.setText(f"Saved the model and its card to {path}")
         notify("info", f"Saved fine-tuned model to {path}")
         return path
+
+    def _relabel_handed(self) -> None:
+        """The Predict widget's list names the saved file, no longer "(unsaved)"."""
+        widget, spec = (self._handed[0](), self._handed[1]) if self._handed else (None, None)
+        if widget is None:
+            return
+        label = f"{self.model_label()} ({len(self.result.card.genes)} genes)"
+        try:
+            widget.models.labels[spec] = label
+            index = widget.model_combo.findData(spec)
+            if index >= 0:
+                widget.model_combo.setItemText(index, label)
+        except RuntimeError:  # the Predict widget is gone
+            self._handed = None
 
     def use_for_prediction(self):
         if self.result is None:
@@ -421,9 +493,11 @@ class FinetuneWidget(QWidget):
                 dock.raise_()
             except Exception:  # pragma: no cover - cosmetic
                 pass
-        label = f"fine-tuned {self.saved_path.name}" if self.saved_path else "fine-tuned (unsaved)"
+        label = self.model_label()
         spec = widget.set_model(self.result.model, self.result.card, name=label)
-        self.status.setText(f"The Predict expression widget now uses the {label} model.")
+        self._handed = (weakref.ref(widget), spec)
+        self._relabel_handed()
+        self.status.setText(f"The Predict expression widget now uses the model {label}.")
         return spec
 
     # ================================================================== Qt events
@@ -432,6 +506,9 @@ class FinetuneWidget(QWidget):
         super().showEvent(event)
         fit_width(self)
         QTimer.singleShot(0, lambda: fit_width(self))
+        if not self._tabbed:  # once: a user who drags the docks apart keeps them apart
+            self._tabbed = True
+            QTimer.singleShot(0, lambda: tab_with_siblings(self))
 
     def closeEvent(self, event) -> None:  # pragma: no cover
         if self.running:

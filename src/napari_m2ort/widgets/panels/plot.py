@@ -1,4 +1,9 @@
-"""A small live plot for training: loss per step/epoch and validation PCC-gene per epoch."""
+"""A small live plot for training: loss per step/epoch and validation PCC-gene per epoch.
+
+The axes read plainly: no offset notation (a change of 0.00001 must not look like a
+climb), a minimum span on each axis so noise stays flat, and the legend above the axes
+where it cannot cover a curve.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,23 @@ _FG = "#d6d6d6"
 _LOSS = "#5fa8d3"
 _EPOCH = "#f2f2f2"
 _PCC = "#f4a259"
+#: smallest PCC range shown: differences below a few hundredths are noise on a few spots
+PCC_MIN_SPAN = 0.1
+#: smallest loss range, as a fraction of the loss
+LOSS_MIN_REL_SPAN = 0.2
+
+
+def padded_limits(values, min_span: float, pad: float = 0.08) -> tuple[float, float] | None:
+    """(low, high) around finite ``values``, at least ``min_span`` wide, centred on them."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None
+    lo, hi = min(vals), max(vals)
+    span = hi - lo
+    if span < min_span:
+        mid = (lo + hi) / 2
+        return mid - min_span / 2, mid + min_span / 2
+    return lo - pad * span, hi + pad * span
 
 
 class LivePlot(QWidget):
@@ -30,6 +52,7 @@ class LivePlot(QWidget):
         lay.addWidget(self.canvas)
         self.ax = self.figure.add_subplot(111)
         self.ax2 = self.ax.twinx()
+        self.legend = None
         self.clear()
 
     def clear(self) -> None:
@@ -63,6 +86,7 @@ class LivePlot(QWidget):
     def _style(self, ax) -> None:
         ax.set_facecolor(_BG)
         ax.tick_params(colors=_FG, labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         for spine in ax.spines.values():
             spine.set_color("#5a5f6a")
 
@@ -70,25 +94,40 @@ class LivePlot(QWidget):
         ax, ax2 = self.ax, self.ax2
         ax.clear()
         ax2.clear()
+        if self.legend is not None:
+            self.legend.remove()
+            self.legend = None
         self._style(ax)
         self._style(ax2)
         ax.set_xlabel("step", color=_FG, fontsize=8)
         ax.set_ylabel("training loss (MSE)", color=_LOSS, fontsize=8)
-        ax2.set_ylabel("val PCC-gene", color=_PCC, fontsize=8)
+        ax2.set_ylabel("val PCC-gene\n(mean over sections)", color=_PCC, fontsize=8)
         if self.steps:
             ax.plot(self.steps, self.losses, color=_LOSS, lw=1, alpha=0.8, label="loss / step")
         if self.epochs:
             ax.plot(self.epochs, self.epoch_loss, "o-", color=_EPOCH, ms=3, lw=1, label="loss / epoch")
         if self.val_pcc:
             ax2.plot(self.val_epochs, self.val_pcc, "s-", color=_PCC, ms=4, lw=1.2, label="val PCC-gene")
+        losses = self.losses + self.epoch_loss
+        lim = padded_limits(losses, LOSS_MIN_REL_SPAN * max((abs(v) for v in losses), default=1.0) or 1e-3)
+        if lim is not None:
+            ax.set_ylim(*lim)
+        lim = padded_limits(self.val_pcc, PCC_MIN_SPAN)
+        if lim is not None:
+            ax2.set_ylim(max(-1.0, lim[0]), min(1.0, lim[1]))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(5))
+        ax2.yaxis.set_major_locator(MaxNLocator(5))
         ax2.yaxis.set_label_position("right")
         ax2.yaxis.tick_right()
         if self.steps or self.val_pcc:
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
-            leg = ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper right", frameon=False)
-            for t in leg.get_texts():
+            # above the axes (constrained layout makes room): never over a curve
+            self.legend = self.figure.legend(
+                h1 + h2, l1 + l2, fontsize=7, loc="outside upper center", ncols=3, frameon=False
+            )
+            for t in self.legend.get_texts():
                 t.set_color(_FG)
         else:
             ax.text(

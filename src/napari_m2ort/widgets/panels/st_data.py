@@ -112,6 +112,7 @@ class DataPanel(QGroupBox):
         bind_data(self.format_combo, settings, "st_format")
         bind_value(self.mpp_spin, settings, "st_mpp")
         bind_check(self.region_check, settings, "only_in_regions")
+        self.sections_list.itemChanged.connect(lambda *_: self._publish_sections())
         settings.events.st_format.connect(self._show_format)
         self._show_format(settings.st_format)
 
@@ -146,6 +147,10 @@ class DataPanel(QGroupBox):
         item.setCheckState(Qt.CheckState.Checked)
         with quiet(self.sections_list):
             self.sections_list.addItem(item)
+        self._publish_sections()
+
+    def _publish_sections(self) -> None:
+        self.settings.sections = tuple(self.ticked())
 
     def ticked(self) -> list:
         """Names of the sections ticked for training, in list order."""

@@ -19,7 +19,10 @@ class TrainRunPanel(QWidget):
         row = QHBoxLayout()
         self.train_btn = QPushButton("Train")
         self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setToolTip("Stop after the current step; the best model so far is kept")
+        self.cancel_btn.setToolTip(
+            "Stop after the current step: the best finished epoch is kept (inside the first epoch, nothing: "
+            "the starting model stays as it was)"
+        )
         row.addWidget(self.train_btn, 1)
         row.addWidget(self.cancel_btn)
         v.addLayout(row)

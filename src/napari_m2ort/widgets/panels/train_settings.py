@@ -75,7 +75,10 @@ class TrainSettingsPanel(QGroupBox):
         self.mode_combo = _combo(MODES)
         form.addRow("Train", self.mode_combo)
         self.val_combo = QComboBox()
-        self.val_combo.setToolTip("Held-out spatial blocks of each section, no validation, or a whole section")
+        self.val_combo.setToolTip(
+            "What the live PCC-gene is measured on (the mean over sections of each one's own PCC-gene): "
+            "held-out spatial blocks of each section, or one whole section held out"
+        )
         form.addRow("Validation", self.val_combo)
         self.device_combo = device_combo()
         form.addRow("Device", self.device_combo)
@@ -99,14 +102,22 @@ class TrainSettingsPanel(QGroupBox):
         self.genes_edit.setVisible(mode == "list")
 
     def set_val_choices(self, section_names: list) -> None:
-        """Blocks, none, and (with two or more sections) each section held out."""
+        """Held-out blocks of every section, no validation, or one whole section held out
+        (offered for each section; usable once another section is left to train on)."""
         current = self.settings.val
+        usable = len(section_names) > 1
         with quiet(self.val_combo):
             self.val_combo.clear()
-            self.val_combo.addItem("Spatial blocks (20 % of each section)", "blocks")
+            self.val_combo.addItem("Held-out blocks (20 % of each section)", "blocks")
+            for name in section_names:
+                self.val_combo.addItem(f"Section {name} (held out)", name)
+                item = self.val_combo.model().item(self.val_combo.count() - 1)
+                item.setEnabled(usable)
+                if not usable:
+                    item.setToolTip("Tick a second section to train on first")
             self.val_combo.addItem("None (no validation)", "none")
-            if len(section_names) > 1:
-                for name in section_names:
-                    self.val_combo.addItem(f"Section {name}", name)
-            self.val_combo.setCurrentIndex(max(self.val_combo.findData(current), 0))
+            index = self.val_combo.findData(current)
+            if index < 0 or not self.val_combo.model().item(index).isEnabled():
+                index = 0
+            self.val_combo.setCurrentIndex(index)
         self.settings.val = self.val_combo.currentData()
