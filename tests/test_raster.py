@@ -3,15 +3,31 @@
 import numpy as np
 import pytest
 
-from napari_m2ort.raster import heatmap_grid, ordered_limits, range_step, value_range
+from napari_m2ort.raster import MIN_SPAN, heatmap_grid, ordered_limits, range_step, shared_range, value_range
 
 
 def test_value_range_ignores_nan_and_widens_flat_values():
-    assert value_range([1.0, np.nan, 3.0, np.inf]) == (1.0, 3.0)
+    lo, hi = value_range([1.0, np.nan, 3.0, np.inf], min_span=0.0)
+    assert lo == pytest.approx(1.02) and hi == pytest.approx(2.98)  # 1st-99th percentile
     lo, hi = value_range([2.0, 2.0])
-    assert lo == 2.0 and hi == pytest.approx(2.001)
+    assert (lo, hi) == pytest.approx((2.0 - MIN_SPAN / 2, 2.0 + MIN_SPAN / 2))
     assert value_range([]) == (0.0, 1.0)
     assert value_range([np.nan]) == (0.0, 1.0)
+
+
+def test_value_range_is_robust_and_tissue_only():
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(5.0, 1.0, 500)
+    glass = np.full(20, 10.2)  # spots on bare glass: far above every tissue spot
+    values = np.concatenate([tissue, glass])
+    keep = np.r_[np.ones(500, bool), np.zeros(20, bool)]
+    lo, hi = value_range(values, keep)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(tissue, [1, 99])))
+    assert hi < 10.0
+    # a range of 0.002 is not stretched over the colormap
+    lo, hi = value_range(5.0 + rng.uniform(0, 0.002, 100))
+    assert hi - lo == pytest.approx(MIN_SPAN)
+    assert shared_range((0.0, 2.0), (1.0, 3.0)) == (0.0, 3.0)
 
 
 def test_range_step_and_ordered_limits():

@@ -143,7 +143,10 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
 
     layer = widget.predictions_layer()
     card = _card(widget)
-    assert layer.name == "M2ORT predictions"
+    from napari_m2ort.widgets._models import model_name
+
+    assert layer.name == f"{widget.current_gene()} - {model_name(card, widget.model_spec())}"
+    assert md_flags_ok(layer)
     assert len(layer.data) == len(ids_a)
     assert set(layer.metadata["spot_ids"]) == ids_a
     assert list(layer.features.columns) == list(card.genes)
@@ -181,8 +184,11 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     # display: gene, colormap, contrast, colorbar, heat map, comparison with measured
     gene = [g for g in card.genes if g != widget.current_gene()][0]
     widget.set_gene(gene)
-    lo, hi = float(layer.features[gene].min()), float(layer.features[gene].max())
+    from napari_m2ort.raster import value_range
+
+    lo, hi = value_range(layer.features[gene].to_numpy(), _layers.on_tissue(layer))  # 1st-99th percentile
     assert layer.face_contrast_limits == pytest.approx((lo, hi), abs=1e-3)
+    assert layer.name.startswith(f"{gene} - ")
     assert layer.face_colorbar.visible
     widget.cmap_combo.setCurrentText("magma")
     assert layer.face_colormap.name == "magma"
@@ -230,7 +236,7 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     widget.set_gene(card.genes[0])
     widget.cmap_combo.setCurrentText("viridis")
     layer.opacity = 1.0
-    viewer.layers["her2st C2 measured ST"].visible = False
+    widget.measured_layer().visible = False
     viewer.camera.center = (3940.0, 3760.0)
     viewer.camera.zoom = min(viewer.canvas.size) / 600.0
     qtbot.wait(300)
@@ -243,6 +249,12 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     pixels = rgb.reshape(-1, 3)[::7]
     found = sum(np.min(np.abs(pixels - c).sum(axis=1)) < 12 for c in colours)
     assert found >= max(1, len(colours) // 2)
+
+
+def md_flags_ok(layer) -> bool:
+    """Every spot carries a flag; the ones on tissue are "ok" and shown."""
+    flags = layer.metadata["flags"]
+    return len(flags) == len(layer.data) and set(flags) <= {"ok", "off-slide", "blank", "not-HE"}
 
 
 def test_cancel_keeps_partial_predictions(make_napari_viewer, qtbot, model_path):

@@ -143,6 +143,21 @@ def with_symbols(section, genes):
     return dataclasses.replace(section, adata=renamed), best
 
 
+def measured_targets(section, genes):
+    """Measured values on a model's target scale: ``targets.normalize_counts`` over the
+    panel genes the data has (those missing add nothing to the panel total), so they
+    are what ``prepare_section`` scores against.  Returns (keep per spot, values
+    (kept spots × present genes), present genes, missing genes, var column used)."""
+    from .targets import normalize_counts
+
+    section, column = with_symbols(section, genes)
+    pos = {g: i for i, g in enumerate(map(str, section.adata.var_names))}
+    present = [g for g in genes if g in pos]
+    missing = [g for g in genes if g not in pos]
+    y, keep = normalize_counts(section.adata.X, [pos[g] for g in present])
+    return keep, y, present, missing, column
+
+
 def subset_section(section, index):
     """The section restricted to some spots (e.g. a quick look at a few of them)."""
     import dataclasses

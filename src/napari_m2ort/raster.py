@@ -11,16 +11,33 @@ import numpy as np
 MAX_HEATMAP_PIXELS = 16_000_000
 
 
-def value_range(values) -> tuple[float, float]:
-    """Colour limits spanning the finite values; a flat or empty gene still gets a range."""
-    v = np.asarray(values, dtype=float)
+#: Colour limits span the 1st-99th percentile: a few extreme spots (glass, folds, a
+#: saturated gland) then no longer push every other spot to one end of the colormap.
+PERCENTILES = (1.0, 99.0)
+#: The smallest span the colours cover (log1p units, about a 1.6-fold change): a gene
+#: that barely varies must look flat, not have its noise stretched over the colormap.
+MIN_SPAN = 0.5
+
+
+def value_range(values, keep=None, percentiles=PERCENTILES, min_span: float = MIN_SPAN) -> tuple[float, float]:
+    """Robust colour limits: the percentiles of the finite values of the spots in ``keep``
+    (e.g. those on tissue; all when None), widened about their middle to ``min_span``."""
+    v = np.asarray(values, dtype=float).reshape(-1)
+    if keep is not None:
+        v = v[np.asarray(keep, dtype=bool).reshape(-1)]
     v = v[np.isfinite(v)]
     if v.size == 0:
         return 0.0, 1.0
-    lo, hi = float(v.min()), float(v.max())
-    if hi - lo < 1e-6:
-        hi = lo + 1e-3
+    lo, hi = (float(x) for x in np.percentile(v, percentiles))
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2.0
+        lo, hi = mid - min_span / 2.0, mid + min_span / 2.0
     return lo, hi
+
+
+def shared_range(*ranges) -> tuple[float, float]:
+    """One range covering several (side by side: both panels on one colour scale)."""
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
 def range_step(lo: float, hi: float) -> float:

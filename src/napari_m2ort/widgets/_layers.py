@@ -172,6 +172,7 @@ def new_predictions_layer(
     name: str = PREDICTIONS_NAME,
     pitch_um: float = 0.0,
     grid: str = "",
+    model_name: str = "",
 ):
     features = pd.DataFrame({g: np.zeros(0, np.float32) for g in genes})
     layer = viewer.add_points(
@@ -193,6 +194,8 @@ def new_predictions_layer(
             "spot_diameter_um": float(diameter_um),
             "pitch_um": float(pitch_um),
             "grid": grid,
+            "model_name": model_name,
+            "flags": [],
         },
         **geom.layer_kwargs,
     )
@@ -200,9 +203,17 @@ def new_predictions_layer(
 
 
 def append_spots(
-    layer, yx_um: np.ndarray, values: np.ndarray, ids: Sequence[str], diameter_um: float, gene: Optional[str], clim=None
+    layer,
+    yx_um: np.ndarray,
+    values: np.ndarray,
+    ids: Sequence[str],
+    diameter_um: float,
+    gene: Optional[str],
+    clim=None,
+    flags: Optional[Sequence[str]] = None,
 ) -> None:
-    """Add predicted spots (data in µm, one feature column per gene) and recolour."""
+    """Add predicted spots (data in µm, one feature column per gene) and recolour.
+    ``flags``: per spot "ok" / "off-slide" / "blank" / "not-HE" (``pipelines.domain``)."""
     if len(yx_um) == 0:
         return
     genes = list(layer.features.columns)
@@ -212,10 +223,41 @@ def append_spots(
     data = np.concatenate([np.asarray(layer.data, dtype=float).reshape(-1, 2), yx_um], axis=0)
     md = layer.metadata
     md["spot_ids"] = list(md.get("spot_ids", [])) + [str(i) for i in ids]
+    new_flags = ["ok"] * len(ids) if flags is None else [str(f) for f in flags]
+    md["flags"] = list(md.get("flags", [])) + new_flags
     layer.data = data
     layer.features = features
     layer.size = np.full(len(data), float(diameter_um))
     color_by(layer, gene, clim=clim)
+
+
+def on_tissue(layer) -> np.ndarray:
+    """Per spot: not flagged as glass, off-slide or unlike H&E (True for unflagged layers)."""
+    n = len(layer.data)
+    flags = list((layer.metadata or {}).get("flags", []))
+    if len(flags) != n:
+        return np.ones(n, dtype=bool)
+    return np.asarray(flags, dtype=object) == "ok"
+
+
+def set_flags(layer, ids: Sequence[str], flags: Sequence[str]) -> None:
+    """Update the flags of these spots (the prediction knows outside/blank at its end)."""
+    md = layer.metadata
+    pos = {str(i): k for k, i in enumerate(md.get("spot_ids", []))}
+    current = list(md.get("flags", []))
+    if len(current) != len(pos):
+        current = ["ok"] * len(pos)
+    for i, f in zip(ids, flags):
+        k = pos.get(str(i))
+        if k is not None:
+            current[k] = str(f)
+    md["flags"] = current
+
+
+def show_flagged(layer, show: bool) -> None:
+    """Flagged spots are hidden unless asked for (their values mean nothing)."""
+    if len(layer.data):
+        layer.shown = np.ones(len(layer.data), bool) if show else on_tissue(layer)
 
 
 def color_by(layer, gene: Optional[str], colormap: Optional[str] = None, clim=None, colorbar: bool = True) -> None:
@@ -225,7 +267,7 @@ def color_by(layer, gene: Optional[str], colormap: Optional[str] = None, clim=No
     if colormap is not None:
         layer.face_colormap = colormap
     if clim is None:
-        clim = value_range(layer.features[gene].to_numpy())
+        clim = value_range(layer.features[gene].to_numpy(), on_tissue(layer))
     layer.face_color = gene
     layer.face_contrast_limits = tuple(float(c) for c in clim)
     layer.refresh_colors(update_color_mapping=False)
@@ -253,7 +295,7 @@ def show_legend(viewer, text: str) -> None:
         overlay.text = text
         overlay.font_size = 12
         try:
-            overlay.position = "top_left"
+            overlay.position = "bottom_left"
         except Exception:  # pragma: no cover - older napari
             pass
         overlay.visible = bool(text)

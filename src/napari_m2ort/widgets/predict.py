@@ -23,7 +23,7 @@ from qtpy.QtWidgets import QFileDialog, QWidget
 from ..errors import M2ORTError
 from ..progress import Progress
 from . import _layers as L
-from ._models import BUNDLED, ModelCatalogue, model_key
+from ._models import BUNDLED, ModelCatalogue, model_key, model_name
 from ._qt import compact_combos, fit_width, scroll_body
 from ._workers import cancel_on_destroy, notify, register_predict_widget, start_job
 from .panels.compare import Comparison
@@ -72,7 +72,9 @@ class PredictWidget(QWidget):
         for panel in (self.inputs, self.run_panel, self.display_panel, self.measured_panel, self.export_panel):
             root.addWidget(panel)
         root.addStretch(1)
-        self.renderer = Display(self.viewer, self.display, self.display_panel, on_changed=self._compare_update)
+        self.renderer = Display(
+            self.viewer, self.display, self.display_panel, on_changed=self._compare_update, measured=self.measured_layer
+        )
         self.comparison = Comparison(
             self.viewer, self.display, self.display_panel, self.slide_layer, self._geometry, self._fail
         )
@@ -81,7 +83,7 @@ class PredictWidget(QWidget):
             (
                 self.inputs,
                 "slide_combo mpp_spin mpp_src model_combo model_browse model_info device_combo "
-                "layout_combo pitch_spin diam_spin tissue_check batch_spin compile_check",
+                "layout_combo pitch_spin diam_spin tissue_check batch_spin compile_check tta_combo smooth_spin force_check",
             ),
             (
                 self.run_panel,
@@ -91,7 +93,7 @@ class PredictWidget(QWidget):
             (
                 self.display_panel,
                 "gene_combo cmap_combo clim_min clim_max clim_auto heatmap_check "
-                "compare_check hover_label compare_label",
+                "compare_check flagged_check hover_label compare_label",
             ),
             (self.export_panel, "export_h5ad_btn export_csv_btn clear_btn"),
             (self.measured_panel, "predict_measured_btn summary_label gene_table"),
@@ -292,6 +294,9 @@ class PredictWidget(QWidget):
             device=s.device,
             batch_size=int(s.batch_size),
             compile="on" if s.compile else "auto",
+            tta=s.tta,
+            smooth_um=float(s.smooth_um),
+            force=bool(s.force),
         )
         return request, geom
 
@@ -348,14 +353,16 @@ class PredictWidget(QWidget):
         layer = L.find_predictions_layer(self.viewer, slide_name, L.layer_key(key, spots))
         if layer is not None:
             return layer
-        name = L.PREDICTIONS_NAME
+        label = model_name(plan.card, self.settings.model)
+        name = f"{self.current_gene() or default_gene(plan.card.genes)} - {label}"
         if L.predictions_layers(self.viewer):
-            name += f" [{self.model_combo.currentText()}; {spots.layout} {spots.pitch_um:g}/{spots.diameter_um:g} µm]"
+            name += f" [{spots.layout} {spots.pitch_um:g}/{spots.diameter_um:g} µm]"
         layer = L.new_predictions_layer(
             self.viewer, self._run.geom, plan.card.genes, spots.diameter_um, plan.card.to_json(), spots.layout,
             key, slide_name, colormap=self.display.colormap, name=name, pitch_um=spots.pitch_um,
-            grid=getattr(spots, "grid", ""),
+            grid=getattr(spots, "grid", ""), model_name=label,
         )  # fmt: skip
+        layer.metadata["name_suffix"] = name.split(label, 1)[1]
         layer.mouse_move_callbacks.append(self._on_hover)
         return layer
 
@@ -364,6 +371,9 @@ class PredictWidget(QWidget):
         plan = ev.data.get("plan") if ev.data else None
         if plan is not None:
             run.spots, run.layer = plan.spots, self._target_layer(plan)
+            run.colour = plan.colour
+            for note in plan.notes:
+                notify("warning", note)
             if not _same(run.layer, self.display.layer):
                 self.display.layer = run.layer
         if ev.stage in ("prepare", "plan"):
@@ -380,9 +390,11 @@ class PredictWidget(QWidget):
         spots = run.spots
         shown = _same(layer, self.display.layer)  # then the display recolours it just after
         gene = None if shown else self.current_gene() or default_gene(list(layer.features.columns))
+        flags = None if run.colour is None else np.asarray(run.colour)[idx]
         L.append_spots(
-            layer, spots.centers_um[idx][:, ::-1], ev.data["values"], spots.ids[idx], spots.diameter_um, gene
-        )
+            layer, spots.centers_um[idx][:, ::-1], ev.data["values"], spots.ids[idx], spots.diameter_um, gene,
+            flags=flags,
+        )  # fmt: skip
         run.n_done = len(layer.data)
         if run.t_first is None:
             run.t_first = time.perf_counter() - run.t0
@@ -409,6 +421,7 @@ class PredictWidget(QWidget):
         self.last_run = summary
         if run.layer is not None and run.layer in self.viewer.layers:
             run.layer.metadata.setdefault("runs", []).append(summary.record())
+            L.set_flags(run.layer, list(map(str, result.spots.ids)), list(result.flags))
         skipped = f", {summary.skipped} already predicted" if summary.skipped else ""
         if summary.stopped:
             msg = f"Stopped: kept {summary.n_spots} of {summary.n_requested} spots ({seconds:.1f} s){skipped}."

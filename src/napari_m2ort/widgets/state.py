@@ -64,6 +64,7 @@ class RunState:
     t_first: Optional[float] = None  # seconds to the first batch on screen
     spots: Any = None  # spots.SpotLayout sent to the model
     layer: Any = None  # the predictions layer receiving this run's spots
+    colour: Any = None  # per planned spot colour-test flag (pipelines.domain)
     n_done: int = 0
 
 

@@ -12,6 +12,36 @@ import numpy as np
 from ...compare import compare_gene
 from .. import _layers as L
 
+MODEL_SCALE = "panel-normalised log1p CPM (the model's target)"
+MEASURED_SUFFIX = "model scale"
+
+
+def set_measured_values(meas, xy_um, values, genes, missing, ids, diameter_um=None) -> None:
+    """The measured layer keeps the compared spots, valued on the model's target scale."""
+    import pandas as pd
+
+    meas.data = np.ascontiguousarray(np.asarray(xy_um, float)[:, ::-1])
+    meas.features = pd.DataFrame(np.asarray(values, np.float32), columns=list(genes))
+    meas.size = np.full(len(meas.data), float(diameter_um or np.asarray(meas.size).reshape(-1)[0]))
+    md = meas.metadata
+    md.update(value_scale=MODEL_SCALE, genes_missing=list(missing), spot_ids=[str(i) for i in ids])
+    md["scale_genes"] = list(genes) + list(missing)
+    if not meas.name.endswith(f"({MEASURED_SUFFIX})"):
+        meas.name = f"{meas.name} ({MEASURED_SUFFIX})"
+
+
+def to_model_scale(meas, panel) -> None:
+    """Put a measured layer read from an ST section on the model's scale (once per panel)."""
+    from ...compare import measured_targets
+
+    md = meas.metadata or {}
+    section = md.get("st_section")
+    if section is None or md.get("scale_genes") == list(panel):
+        return
+    keep, y, present, missing, _ = measured_targets(section, list(panel))
+    ids = [str(i) for i, k in zip(section.adata.obs_names, keep) if k]
+    set_measured_values(meas, section.centers_um[keep], y, present, missing, ids, section.spot_diameter_um)
+
 
 class Comparison:
     """Follows ``DisplayState.side_by_side`` and writes the comparison line."""
@@ -42,11 +72,20 @@ class Comparison:
         if meas is None or layer is None or gene is None:
             label.setText("" if meas is None else f"'{meas.name}' loaded")
             return
+        to_model_scale(meas, list(layer.features.columns))
+        missing = list((meas.metadata or {}).get("genes_missing", []))
         if gene not in meas.features.columns:
-            label.setText(f"{gene} is not among the measured genes of '{meas.name}'.")
+            label.setText(
+                f"{gene} is not among the measured genes of '{meas.name}'"
+                + (f" ({len(missing)} panel genes are not: {', '.join(missing[:6])})." if missing else ".")
+            )
             return
-        L.color_by(meas, gene, colormap=self.state.colormap, colorbar=False)
-        label.setText(self.compare(gene).sentence(meas.name))
+        # one scale, one colour range: the predictions' colorbar stands for both layers
+        L.color_by(meas, gene, colormap=self.state.colormap, clim=self.state.clim, colorbar=False)
+        text = self.compare(gene).sentence(meas.name)
+        if missing:
+            text += f" Not measured: {len(missing)} panel genes ({', '.join(missing[:6])})."
+        label.setText(text)
 
     def compare(self, gene: str):
         """``compare.Comparison`` of the shown predictions with the measured spots."""

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ...errors import M2ORTError
-from ...raster import heatmap_grid, ordered_limits, range_step, value_range
+from ...raster import heatmap_grid, ordered_limits, range_step, shared_range, value_range
 from .. import _layers as L
 from .._bind import bind_check, bind_text, quiet
 from .._qt import wrap_label
@@ -34,6 +34,7 @@ from ..state import DEFAULT_GENES
 
 HEATMAP_KIND = "m2ort-heatmap"
 HEATMAP_OPACITY = 0.6
+UNIT = "log1p CPM over the model's gene panel"
 
 
 def default_gene(genes) -> Optional[str]:
@@ -73,7 +74,9 @@ class DisplayPanel(QGroupBox):
         self.clim_min.setToolTip("Value shown with the lowest colour")
         self.clim_max.setToolTip("Value shown with the highest colour")
         self.clim_auto = QPushButton("Auto")
-        self.clim_auto.setToolTip("Contrast limits = the gene's range over the predicted spots")
+        self.clim_auto.setToolTip(
+            "Contrast limits = 1st-99th percentile of the gene over the spots on tissue (flagged spots left out)"
+        )
         row = QHBoxLayout()
         row.addWidget(self.clim_min, 1)
         row.addWidget(QLabel("–"))
@@ -90,6 +93,11 @@ class DisplayPanel(QGroupBox):
         row.addWidget(self.heatmap_check)
         row.addWidget(self.compare_check)
         form.addRow("", row)
+        self.flagged_check = QCheckBox("Show flagged spots (glass, off-slide, not H&E)")
+        self.flagged_check.setToolTip(
+            "Spots the out-of-domain check flagged are hidden and kept out of the colour range; tick to see them"
+        )
+        form.addRow("", self.flagged_check)
         self.hover_label = QLabel("")
         self.hover_label.setStyleSheet("color: #9a9a9a")
         form.addRow("Hover", self.hover_label)
@@ -100,6 +108,7 @@ class DisplayPanel(QGroupBox):
         bind_text(self.cmap_combo, display, "colormap")
         bind_check(self.heatmap_check, display, "heatmap")
         bind_check(self.compare_check, display, "side_by_side")
+        bind_check(self.flagged_check, display, "show_flagged")
         display.events.clim.connect(self._show_clim)
 
     def set_genes(self, genes, gene: Optional[str]) -> None:
@@ -133,8 +142,9 @@ class DisplayPanel(QGroupBox):
 class Display:
     """Keeps the canvas in step with ``DisplayState`` (colours, heat map, legend, hover)."""
 
-    def __init__(self, viewer, state, panel: DisplayPanel, on_changed=None):
+    def __init__(self, viewer, state, panel: DisplayPanel, on_changed=None, measured=None):
         self.viewer, self.state, self.panel = viewer, state, panel
+        self.measured = measured  # () -> the measured layer compared, or None
         self.on_changed = on_changed  # called after every redraw (the comparison follows)
         ev = state.events
         ev.layer.connect(self._layer_changed)
@@ -142,6 +152,8 @@ class Display:
         ev.colormap.connect(self.refresh)
         ev.clim.connect(self._apply_clim)
         ev.heatmap.connect(self.update_heatmap)
+        ev.show_flagged.connect(self.refresh)
+        ev.side_by_side.connect(self.refresh)
         panel.clim_auto.clicked.connect(self.refresh)
 
     # ---------------------------------------------------------------- state
@@ -175,11 +187,26 @@ class Display:
         layer, gene = self.layer, self.state.gene
         if not self._has_gene(layer, gene) or not len(layer.data):
             return
-        lo, hi = value_range(layer.features[gene].to_numpy())
+        tissue = L.on_tissue(layer)
+        lo, hi = value_range(layer.features[gene].to_numpy(), tissue)
+        measured = self.measured_range(gene)
+        if measured is not None:  # side by side on one scale: one colour range for both
+            lo, hi = shared_range((lo, hi), measured)
         self.panel.hover_label.setText("")
+        L.show_flagged(layer, self.state.show_flagged)
         L.color_by(layer, gene, colormap=self.state.colormap, clim=(lo, hi))
         self.state.clim = (lo, hi)
-        L.show_legend(self.viewer, f"M2ORT predicted {gene}{self._unit(layer)}")
+        name = layer.metadata.get("model_name") or "M2ORT"
+        if layer.metadata.get("model_name") and not layer.name.endswith("at measured spots"):
+            layer.name = f"{gene} - {name}{layer.metadata.get('name_suffix', '')}"
+        legend = f"{gene} - {name}{self._unit(layer)}"
+        if measured is not None:
+            legend += "; measured spots on the same scale and colour range"
+        n_flagged = int((~tissue).sum())
+        if n_flagged:
+            shown = "shown" if self.state.show_flagged else "hidden"
+            legend += f"; {n_flagged} flagged spots (glass/off-slide) {shown}, not in the range"
+        L.show_legend(self.viewer, legend)
         self.update_heatmap()
         if self.on_changed is not None:
             self.on_changed()
@@ -190,7 +217,21 @@ class Display:
             target = json.loads(layer.metadata.get("model_card", "{}")).get("target", "")
         except ValueError:
             target = ""
-        return " (log1p CPM)" if target.startswith("log1p") else ""
+        return f" ({UNIT})" if target.startswith("log1p") else ""
+
+    def measured_range(self, gene):
+        """The measured layer's range when it is compared on the model's scale, side by side."""
+        meas = self.measured() if self.measured is not None else None
+        if meas is None or not self.state.side_by_side or gene not in meas.features.columns:
+            return None
+        from .compare import to_model_scale
+
+        to_model_scale(meas, list(self.layer.features.columns))
+        if gene not in meas.features.columns:
+            return None
+        if "model's target" not in str((meas.metadata or {}).get("value_scale", "")):
+            return None
+        return value_range(meas.features[gene].to_numpy())
 
     def contrast_limits(self) -> tuple[float, float]:
         return ordered_limits(*self.state.clim)

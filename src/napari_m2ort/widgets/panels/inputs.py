@@ -129,6 +129,25 @@ class InputsPanel(QGroupBox):
             "compiled anyway; float32 on CPU never is (no faster there)."
         )
         form.addRow("", self.compile_check)
+        from ...tta import TTA_MODES
+
+        self.tta_combo = QComboBox()
+        self.tta_combo.addItems(list(TTA_MODES))
+        self.tta_combo.setToolTip("Test-time augmentation, as the CLI's --tta (more views: slower, steadier)")
+        self.smooth_spin = QDoubleSpinBox()
+        self.smooth_spin.setRange(0.0, 2000.0)
+        self.smooth_spin.setSuffix(" µm smoothing")
+        self.smooth_spin.setToolTip("Gaussian smoothing over neighbouring spots (sigma), as --smooth-um; 0 = off")
+        row = QHBoxLayout()
+        row.addWidget(self.tta_combo)
+        row.addWidget(self.smooth_spin)
+        form.addRow("TTA", row)
+        self.force_check = QCheckBox("Predict anyway on a far coarser slide")
+        self.force_check.setToolTip(
+            "A slide more than 4x coarser than the model's µm/px is refused: the model cannot see the cells "
+            "it learned from. Tick to predict anyway (the values will mean little)."
+        )
+        form.addRow("", self.force_check)
 
         bind_text(self.slide_combo, settings, "slide")
         bind_value(self.mpp_spin, settings, "mpp")
@@ -139,6 +158,9 @@ class InputsPanel(QGroupBox):
         bind_check(self.tissue_check, settings, "tissue_only")
         bind_value(self.batch_spin, settings, "batch_size", int)
         bind_check(self.compile_check, settings, "compile")
+        bind_text(self.tta_combo, settings, "tta")
+        bind_value(self.smooth_spin, settings, "smooth_um")
+        bind_check(self.force_check, settings, "force")
         ev = settings.events
         ev.layout.connect(self._show_layout)
         ev.mpp_source.connect(self._show_mpp_source)

@@ -27,9 +27,9 @@ from qtpy.QtWidgets import (
 from ...errors import M2ORTError
 from .. import _layers as L
 from .._qt import wrap_label
+from .compare import set_measured_values
 
 COLUMNS = ("Gene", "PCC", "Mean measured", "Mean predicted")
-MEASURED_SUFFIX = "model scale"
 
 
 class _NumberItem(QTableWidgetItem):
@@ -237,7 +237,11 @@ class AtMeasured:
         slide, meas = self._slide, self._meas
         geom = w._geometry(slide)
         layer = self._predictions_layer(res, card, name, geom, slide.name, model_key(card))
-        self._measured_on_model_scale(meas, res)
+        keep = [g for g in res.genes if g not in set(res.genes_missing)]
+        cols = [res.genes.index(g) for g in keep]
+        set_measured_values(
+            meas, res.centers_um, res.true[:, cols], keep, res.genes_missing, res.spot_ids, res.diameter_um
+        )
         self.panel.show_result(res, name)
         w.status.setText(f"{len(res.spot_ids)} measured spots predicted and scored.")
         w.display.layer = layer
@@ -260,23 +264,6 @@ class AtMeasured:
         layer.mouse_move_callbacks.append(w._on_hover)
         self.layer = layer
         return layer
-
-    @staticmethod
-    def _measured_on_model_scale(meas, res) -> None:
-        """The measured layer keeps the compared spots, valued on the model's target scale."""
-        import pandas as pd
-
-        keep = [g for g in res.genes if g not in set(res.genes_missing)]
-        cols = [res.genes.index(g) for g in keep]
-        meas.data = np.ascontiguousarray(res.centers_um[:, ::-1])
-        meas.features = pd.DataFrame(res.true[:, cols], columns=keep)
-        meas.size = np.full(len(res.centers_um), float(res.diameter_um or meas.size[0]))
-        md = meas.metadata
-        md["value_scale"] = "panel-normalised log1p CPM (the model's target)"
-        md["genes_missing"] = list(res.genes_missing)
-        md["spot_ids"] = list(res.spot_ids)
-        if not meas.name.endswith(MEASURED_SUFFIX):
-            meas.name = f"{meas.name} ({MEASURED_SUFFIX})"
 
     # ---------------------------------------------------------------- gene
     def _row_selected(self) -> None:
