@@ -88,3 +88,26 @@ def test_predict_at_measured_refuses_another_slide(make_napari_viewer, qtbot, er
     assert widget.predict_at_measured() is None
     assert "not on the slide 'another slide'" in widget.last_error
     assert any("means nothing" in m for m in errors)
+
+
+def test_model_names_and_cross_validated_pcc():
+    from types import SimpleNamespace
+
+    from napari_m2ort.widgets._models import cross_validated_pcc, describe_card, model_name
+
+    tuned = SimpleNamespace(
+        variant="m2ort_small", training_data="fine-tuned from bundled on C3", created="2026-11-30T09:00:00+00:00"
+    )
+    assert model_name(tuned, "memory:abc") == "fine-tuned on C3 (2026-11-30)"
+    assert model_name(SimpleNamespace(variant="m2ort_small", training_data="C2"), "bundled") == "M2ORT-S bundled"
+    assert model_name(SimpleNamespace(variant="m2ort_small"), "file:/x/my_model.safetensors") == "M2ORT-S my_model"
+    runs = {
+        "m2ort_small (lr 0.0001 constant, 15 epochs)": {"mean_over_folds": {"pcc_gene_mean": 0.22}},
+        "m2ort_small (lr 0.0003 cosine, warmup 2)": {"mean_over_folds": {"pcc_gene_mean": 0.25}},
+        "mean": {"mean_over_folds": {"pcc_gene_mean": 0.0}},
+    }
+    metrics = {"training_command": "train --lr 3e-4 --schedule cosine", "leave_one_section_out_cv_patient_C": runs}
+    card = SimpleNamespace(variant="m2ort_small", genes=["A"], mpp=0.69, fov_um=155.0, metrics=metrics)
+    assert cross_validated_pcc(card) == (0.25, "leave-one-section-out patient C")
+    assert "cross-validated PCC-gene 0.25" in describe_card(card)
+    assert cross_validated_pcc(SimpleNamespace(variant="m2ort_small", metrics={})) is None

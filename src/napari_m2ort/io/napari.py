@@ -150,11 +150,16 @@ def section_layer_data(section: STSection) -> list[tuple]:
 # -------------------------------------------------------------------------- writers
 
 
+def _with_suffix(path: str, suffix: str) -> str:
+    """File > Save offers the layer's name, which has no extension: add the writer's."""
+    return path if Path(path).suffix.lower() == suffix else f"{path}{suffix}"
+
+
 def write_points_h5ad(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a spots Points layer as AnnData (.h5ad), written atomically."""
-    return [str(write_h5ad(points_layer_to_anndata(data, meta), path))]
+    return [str(write_h5ad(points_layer_to_anndata(data, meta), _with_suffix(path, ".h5ad")))]
 
 
 def write_points_csv(path: str, data, meta: dict) -> list[str]:
     """npe2 writer: a spots Points layer as CSV (x_um, y_um, one column per gene)."""
-    return [str(write_csv(points_layer_to_anndata(data, meta), path))]
+    return [str(write_csv(points_layer_to_anndata(data, meta), _with_suffix(path, ".csv")))]

@@ -60,6 +60,7 @@ class PredictWidget(QWidget):
         self._connect()
         self._refresh_layer_choices()
         register_predict_widget(self)
+        L.prefer_plugin_writers()
 
     # ================================================================== composition
     def _build(self) -> None:
@@ -356,7 +357,7 @@ class PredictWidget(QWidget):
         label = model_name(plan.card, self.settings.model)
         name = f"{self.current_gene() or default_gene(plan.card.genes)} - {label}"
         if L.predictions_layers(self.viewer):
-            name += f" [{spots.layout} {spots.pitch_um:g}/{spots.diameter_um:g} µm]"
+            name += f" [{spots.layout}, {spots.pitch_um:g} µm pitch, {spots.diameter_um:g} µm spots]"
         layer = L.new_predictions_layer(
             self.viewer, self._run.geom, plan.card.genes, spots.diameter_um, plan.card.to_json(), spots.layout,
             key, slide_name, colormap=self.display.colormap, name=name, pitch_um=spots.pitch_um,
@@ -477,7 +478,7 @@ class PredictWidget(QWidget):
         if layer is None or not len(layer.data):
             self._fail("There are no predictions to export yet: predict a region first.")
             return None
-        path = path or self.export_panel.ask_path(suffix)
+        path = path or self.export_panel.ask_path(suffix, layer.name)
         if not path:
             return None
         try:

@@ -18,7 +18,7 @@ def write_layer(layer, path, suffix: str) -> Path:
 
     path = Path(path)
     if path.suffix.lower() != suffix:
-        path = path.with_suffix(suffix)
+        path = path.with_name(path.name + suffix)  # "x 0.5" keeps its ".5"
     meta = {"features": layer.features, "metadata": layer.metadata, "size": layer.size, "name": layer.name}
     try:
         adata = export.points_layer_to_anndata(layer.data, meta)
@@ -38,9 +38,10 @@ class ExportPanel(QGroupBox):
         for b in (self.export_h5ad_btn, self.export_csv_btn, self.clear_btn):
             row.addWidget(b)
 
-    def ask_path(self, suffix: str) -> Optional[str]:
+    def ask_path(self, suffix: str, name: str = "predictions") -> Optional[str]:
+        stem = "".join(c if c.isalnum() or c in "-_ ()" else "_" for c in name).strip() or "predictions"
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export predictions", f"predictions{suffix}", f"{suffix} files (*{suffix})"
+            self, "Export predictions", f"{stem}{suffix}", f"{suffix} files (*{suffix})"
         )
         return path or None
 
