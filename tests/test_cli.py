@@ -65,7 +65,7 @@ def test_predict_compiled_matches_eager(c2_crop_tif, tmp_path, capsys):
     assert rel < 1e-2, rel
 
 
-def test_evaluate_bundled_on_a_section(her2st, tmp_path):
+def test_evaluate_bundled_on_a_section(her2st, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     rc = main(
         [
@@ -98,9 +98,17 @@ def test_evaluate_bundled_on_a_section(her2st, tmp_path):
         assert key in m
     assert m["n_spots"] == 186 and m["n_genes"] == 250 and m["genes_missing"] == []
     assert m["pcc_gene_mean"] > 0.1  # C2 was in the bundled model's training data
+    from napari_m2ort.tta import DEFAULT_SMOOTH_UM, DEFAULT_TTA, OUTPUT_RULE
+
+    assert m["tta"] == DEFAULT_TTA and m["smooth_um"] == DEFAULT_SMOOTH_UM and m["output_rule"] == OUTPUT_RULE
+    assert "pcc_markers" in m and "pcc_markers_mean" in m and m["in_training_data"] == ["C2"]
+    err = capsys.readouterr().err
+    warned = [x for x in err.splitlines() if x.startswith("warning: ") and "training data" in x]
+    assert len(warned) == 1 and "C2" in warned[0]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
-def test_train_one_epoch_new_panel(her2st, tmp_path):
+def test_train_one_epoch_new_panel(her2st, tmp_path, capsys):
     rc = main(
         [
             "train",
@@ -125,6 +133,8 @@ def test_train_one_epoch_new_panel(her2st, tmp_path):
         ]
     )
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "PCC-gene" in printed and "validation" in printed and "fit (training spots)" in printed
     from napari_m2ort.model.weights import load_checkpoint
 
     model, card = load_checkpoint(tmp_path / "run" / "model.safetensors")
@@ -141,3 +151,88 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, shared_data):
     assert main(["predict", str(bad), "--out", str(tmp_path / "x.h5ad")]) == 2
     assert main(["train", "--her2st", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_predict_output_structure_flags_tta_smoothing(c2_crop_tif, tmp_path, capsys):
+    """A region reaching past the slide's corner (negative x0, the --region -X form):
+    flags, uncertainty, the inference options and the smoothing note in the file."""
+    out = tmp_path / "corner.h5ad"
+    args = ["predict", str(c2_crop_tif), "--out", str(out), "--region", "-100,-100,300,300", "--device", "cpu"]
+    assert main([*args, "--tta", "flips", "--smooth-um", "120", "--precision", "fp32"]) == 0
+    a = ad.read_h5ad(out)
+    meta = a.uns["m2ort"]
+    assert meta["tta"] == "flips" and meta["smooth_um"] == 120.0 and "smoothed" in meta["smoothing"]
+    assert "clipped at 0" in meta["output_rule"] and meta["library_id"] in a.uns["spatial"]
+    assert a.layers["uncertainty"].shape == a.shape and np.allclose(
+        a.obs["uncertainty"], a.layers["uncertainty"].mean(1)
+    )
+    assert set(a.obs["flag"]) <= {"ok", "off-slide", "blank", "not-HE"} and (a.obs["flag"] == "off-slide").any()
+    assert (np.asarray(a.X) >= 0).all()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(x.startswith("warning: ") or ":" in x for x in err.splitlines())
+    # the same output again: refused unless --overwrite; csv by extension
+    assert main(args) == 2
+    assert main([*args, "--overwrite", "--tta", "none", "--smooth-um", "0"]) == 0
+    b = ad.read_h5ad(out)
+    assert b.uns["m2ort"]["tta"] == "none" and "uncertainty" not in b.layers and b.uns["m2ort"]["smoothing"] == "none"
+    csv = tmp_path / "corner.csv"
+    assert main([*args[:3], str(csv), *args[4:], "--tta", "none"]) == 0
+    assert csv.read_text().splitlines()[0].startswith("spot,x_um,y_um,")
+
+
+def test_help_is_fast_and_says_defaults():
+    """--help needs no torch: the parser is built in a process that never imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv[0] = 'napari-m2ort'; import napari_m2ort.cli as c; c.build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'timm', 'napari', 'dask', 'anndata') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+    from napari_m2ort.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "front door" not in text and "M2ORTError" not in text
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+    predict = sub.choices["predict"].format_help()
+    from napari_m2ort.tta import DEFAULT_TTA
+
+    assert f"(default: {DEFAULT_TTA})" in predict and "(default: visium)" in predict
+
+
+def test_cli_choices_match_the_core():
+    from napari_m2ort import cli
+    from napari_m2ort.augment import GEOMETRIES, STAINS
+    from napari_m2ort.losses import LOSSES
+    from napari_m2ort.targets import PANEL_RULES
+
+    assert cli.LOSSES == tuple(LOSSES) and cli.GEOMETRIES == tuple(GEOMETRIES) and cli.STAINS == tuple(STAINS)
+    assert cli.PANEL_RULES == tuple(PANEL_RULES)
+
+
+def test_section_table():
+    from napari_m2ort.cli import section_table
+
+    val = {"per_section": {"C2:val": {"n_spots": 40, "pcc_gene_mean": 0.2, "pcc_spot_mean": 0.5}},
+           "pcc_gene_mean": 0.2, "pcc_spot_mean": 0.5, "n_spots": 40}  # fmt: skip
+    fit = {"per_section": {"C2:train": {"n_spots": 150, "pcc_gene_mean": 0.4, "pcc_spot_mean": 0.7}},
+           "pcc_gene_mean": 0.4, "pcc_spot_mean": 0.7, "n_spots": 150}  # fmt: skip
+    table = section_table(val, fit)
+    assert "C2:val" in table and "0.200" in table and "C2:train" in table and "0.400" in table
+    assert "validation" in table and "fit" in table

@@ -231,6 +231,10 @@ def test_cli_existing_scheduler_redoes_damaged_output(
             "cpu",
             "--precision",
             "fp32",
+            "--tta",  # the first run's inference options (the CLI's defaults are TTA + smoothing)
+            "none",
+            "--smooth-um",
+            "0",
         ]
     )
     text = capsys.readouterr().out
@@ -247,8 +251,8 @@ def test_cli_existing_scheduler_redoes_damaged_output(
 
 def test_task_errors_retried_then_fail_only_their_slide(cohort, checkpoint, tmp_path, monkeypatch):
     """In-process workers, so the worker-side slide cache can be patched: every read of
-    C2 fails (-> C2 failed after its retries, its other tiles cancelled), the first read
-    of D1 fails once (-> retried, D1 done)."""
+    C2 fails with an M2ORTError (-> C2 failed without retries, its other tiles
+    cancelled), the first read of D1 fails once with an OSError (-> retried, D1 done)."""
     from distributed import Client, LocalCluster
 
     real = worker._worker_slide
@@ -287,7 +291,7 @@ def test_task_errors_retried_then_fail_only_their_slide(cohort, checkpoint, tmp_
     c2, d1 = summary["C2"], summary["D1"]
     assert c2.status == "failed" and "tile data damaged" in c2.error and c2.output is None
     assert not (tmp_path / "C2.h5ad").exists()
-    assert 2 <= calls["C2"] <= 2 * c2.tiles  # a tile tried 1 + retries times; the rest cancelled
+    assert 1 <= calls["C2"] <= c2.tiles  # M2ORTError cannot succeed on retry: each tile at most once
     assert d1.status == "done" and d1.tiles >= 2 and calls["D1"] == d1.tiles + 1
     assert anndata.read_h5ad(d1.output).n_obs == d1.spots
     assert summary.exit_code == 1
@@ -354,3 +358,21 @@ def test_killed_worker_tiles_are_retried(cohort, checkpoint, reference, cluster,
     while len(cluster.scheduler_info()["workers"]) < 2 and time.time() < deadline:
         time.sleep(0.5)
     assert killed["pid"] not in cluster.run(os.getpid).values()
+
+
+def test_batch_smooths_over_the_whole_slide(cohort, checkpoint, reference, cluster, tmp_path):
+    """Tiles of 20 spots, smoothing of sigma 150 µm: the same values as smoothing the
+    whole slide's predictions at once (a tile's edge spots see their neighbours in other
+    tiles), recorded as smoothed in the file."""
+    from napari_m2ort.tta import smooth
+
+    summary = dist.batch_predict(
+        [cohort["C2"]], tmp_path, model_path=checkpoint, tile_spots=20, client=cluster, progress=False,
+        smooth_um=150.0, tta="none", **SETTINGS,
+    )  # fmt: skip
+    r = summary["C2"]
+    assert r.status == "done" and r.tiles >= 2, r.error
+    ids, values, centers = reference["C2"]
+    adata = _check_output(r.output, ids, smooth(values, centers, 150.0))
+    assert adata.uns["m2ort"]["smooth_um"] == 150.0 and "smoothed" in adata.uns["m2ort"]["smoothing"]
+    assert set(adata.obs["flag"]) <= {"ok", "off-slide", "blank", "not-HE"}

@@ -130,3 +130,7 @@ class TileResult:
     start: float  # time.time() on the worker
     stop: float
     info: dict = field(default_factory=dict)
+    uncertainty: Optional[np.ndarray] = None  # (n, G) float32 spread across TTA views
+    #: a problem that cannot succeed on retry (``M2ORTError``): returned, not raised, so
+    #: the scheduler does not run the tile again
+    error: str = ""

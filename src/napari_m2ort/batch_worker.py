@@ -105,29 +105,31 @@ def predict_tile(
     torch_threads: Optional[int],
     compile: bool | str = False,
     slide_spots: Optional[int] = None,
+    tta: str = "none",
 ) -> TileResult:
-    """The dask task: predict one tile of spots of one slide."""
+    """The dask task: predict one tile of spots of one slide (unsmoothed: the client
+    smooths once the whole slide is in). A user-fixable problem (``M2ORTError``) comes
+    back as ``TileResult.error`` instead of an exception, which dask would retry."""
+    from .errors import M2ORTError
     from .pipelines import predict_spots
     from .progress import run_to_end
 
     start = time.time()
     _quiet_worker_warnings()
     _set_torch_threads(torch_threads)
-    model, card = _worker_model(model_path, device)
-    slide = _worker_slide(path, mpp)
-    pred = run_to_end(
-        predict_spots(
-            slide,
-            centers_um,
-            model,
-            card,
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-            compile=compile,
-            job_spots=slide_spots,
-        )
-    )
+    try:
+        model, card = _worker_model(model_path, device)
+        slide = _worker_slide(path, mpp)
+        pred = run_to_end(
+            predict_spots(
+                slide, centers_um, model, card, device=device, batch_size=batch_size, precision=precision,
+                compile=compile, job_spots=slide_spots, tta=tta,
+            )
+        )  # fmt: skip
+    except M2ORTError as exc:
+        empty = np.zeros(0)
+        return TileResult(slide_index, tile_id, np.asarray(indices, dtype=np.int64), empty, empty, empty,
+                          start, time.time(), error=str(exc))  # fmt: skip
     if not pred.complete:
         raise RuntimeError(f"tile {tile_id} of {path}: only {pred.n_done}/{len(indices)} spots predicted")
     info = {k: pred.info.get(k) for k in ("device", "precision", "batch_size", "compiled")}
@@ -142,4 +144,5 @@ def predict_tile(
         start,
         time.time(),
         info,
+        None if pred.uncertainty is None else pred.uncertainty.astype(np.float32, copy=False),
     )

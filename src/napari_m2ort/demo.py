@@ -2,7 +2,8 @@
 
 Opens the bundled HER2+ sample in a napari viewer, docks the Predict expression widget,
 draws a tissue-rich rectangle holding about ``--spots`` Visium spots, presses Predict,
-and writes ``predictions.h5ad`` (through the widget's export) and ``overlay.png`` (a
+and writes ``predictions.h5ad`` (the same structure as ``napari-m2ort predict`` writes:
+``pipelines.write_prediction`` of the widget's result) and ``overlay.png`` (a
 screenshot of the canvas: predicted expression of one gene over the tissue, colorbar,
 legend and scale bar).  Without a display it starts a private Xvfb server for the run
 (napari needs a real OpenGL context: Qt's ``offscreen`` platform cannot draw layers).
@@ -115,11 +116,11 @@ def _wait(app, predicate, timeout: float) -> None:
     app.processEvents()
 
 
-def _run(out: Path, gene: str | None, n_spots: int, device: str, model: str) -> int:
+def _run(out: Path, gene: str, n_spots: int, device: str, model: str) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from .pipelines import BUNDLED, checkpoint_path
+    from .pipelines import BUNDLED, checkpoint_path, write_prediction
 
     t_start = time.perf_counter()
     viewer = napari.Viewer(show=True, title="napari-m2ort demo")
@@ -162,12 +163,6 @@ def _run(out: Path, gene: str | None, n_spots: int, device: str, model: str) -> 
         layer = widget.predictions_layer()
         if layer is None or not len(layer.data):
             raise M2ORTError("The demo predicted no spots.")
-        genes = list(layer.features.columns)
-        gene = gene or ("ERBB2" if "ERBB2" in genes else genes[0])
-        if gene not in genes:
-            raise M2ORTError(
-                f"--gene {gene}: not in the model's panel ({len(genes)} genes, e.g. {', '.join(genes[:5])})."
-            )
         widget.set_gene(gene)
         # zoom onto the region, with a margin
         h, w = viewer.canvas.size
@@ -180,9 +175,9 @@ def _run(out: Path, gene: str | None, n_spots: int, device: str, model: str) -> 
         png = out / "overlay.png"
         viewer.screenshot(str(png), canvas_only=True, flash=False)
         t_overlay = time.perf_counter() - t0
-        h5ad = widget.export_h5ad(out / "predictions.h5ad")
-        if h5ad is None:
-            raise M2ORTError(widget.last_error or "Export failed.")
+        if job.result is None or getattr(job.result, "prediction", None) is None:
+            raise M2ORTError(widget.last_error or "The demo predicted no spots.")
+        h5ad = write_prediction(job.result, out / "predictions.h5ad", overwrite=True)
         run = widget.last_run
         print(f"wrote {h5ad}")
         print(f"wrote {png}")
@@ -197,18 +192,38 @@ def _run(out: Path, gene: str | None, n_spots: int, device: str, model: str) -> 
         viewer.close()
 
 
+OUTPUTS = ("predictions.h5ad", "overlay.png")
+
+
 def run_demo(
-    out="demo_out", gene: str | None = None, spots: int = 100, device: str = "auto", model: str = "bundled"
+    out="demo_out",
+    gene: str | None = None,
+    spots: int = 100,
+    device: str = "auto",
+    model: str = "bundled",
+    overwrite: bool = False,
 ) -> int:
-    """Run the demo into folder ``out``: about ``spots`` Visium spots, showing ``gene``."""
-    out = Path(out or "demo_out")
-    out.mkdir(parents=True, exist_ok=True)
-    import napari_m2ort  # noqa: F401  (torch before Qt)
+    """Run the demo into folder ``out``: about ``spots`` Visium spots, showing ``gene``.
 
-    from .pipelines import checkpoint_path
+    Everything the user typed is checked before a window opens: the output folder (its
+    files are refused unless ``overwrite``), the spot count, the model and the gene."""
+    import napari_m2ort
 
+    napari_m2ort.load()  # torch before Qt
+
+    from .devices import resolve_device
+    from .pipelines import checkpoint_path, checks, read_model_card
+
+    resolve_device(device or "auto")  # "cuda" on a machine without one: said before any window
+    out = checks.output_folder(out or "demo_out", overwrite, holds=OUTPUTS)
+    n_spots = checks.number("Spots (--spots)", 100 if spots is None else spots, lo=1, hi=5000, integer=True)
     model = str(model or "bundled")
     if checkpoint_path(model) is None:  # fails fast, before any window, for a missing file
         raise M2ORTError(f"--model {model}: the demo needs trained weights ('bundled' or a .safetensors file).")
+    genes = list(read_model_card(model).genes)
+    gene = gene or ("ERBB2" if "ERBB2" in genes else genes[0])
+    if gene not in genes:
+        raise M2ORTError(f"--gene {gene}: not in the model's panel ({len(genes)} genes, e.g. {', '.join(genes[:5])}).")
+    out.mkdir(parents=True, exist_ok=True)
     with virtual_display():
-        return _run(out, gene, int(spots or 100), device or "auto", model)
+        return _run(out, gene, n_spots, device or "auto", model)

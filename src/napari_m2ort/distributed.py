@@ -29,8 +29,14 @@ Robustness
 * A worker that dies mid-task: the scheduler reschedules its tasks on the surviving
   (or restarted) workers; results are placed by spot index, so nothing is duplicated
   or lost. Exceptions raised inside a task are retried ``retries`` times.
-* A slide that cannot be opened, laid out or read fails alone: it is reported in the
-  summary and the other slides go on. The exit code is 1 if any slide failed.
+* A slide that cannot be opened, laid out or read fails alone: one line when it fails,
+  a row in the summary, and the other slides go on. The exit code is 1 if any slide
+  failed. Such a slide is never retried: the client opens it before any task exists, and
+  a task's ``M2ORTError`` comes back as a value (dask retries only other exceptions).
+* Each slide gets the checks of ``napari-m2ort predict``: the size budget
+  (``max_spots``), the resolution guard (``force``) and the per-spot colour flags.
+* Smoothing (``smooth_um``) runs on the client once a slide's tiles are all in, over the
+  whole slide's spots, exactly as ``predict`` smooths one slide.
 * Re-running the same command skips slides whose output is complete (``batch_resume``:
   a key of the slide file, the spot settings and the model weights, and the expected
   spot count). A changed setting or model re-predicts that slide, and an output without
@@ -56,6 +62,7 @@ from typing import Optional
 
 import numpy as np
 
+from .batch_cluster import connect, dashboard_link, has_bokeh, local_cluster
 from .batch_records import BatchSummary, SlideResult, TileResult
 from .batch_resume import BATCH_FORMAT, batch_record, job_key, output_complete, weights_id
 from .batch_worker import predict_tile
@@ -66,7 +73,6 @@ __all__ = ["BatchSummary", "SlideResult", "TileResult", "batch_predict", "local_
 #: Task retries after an exception inside the task (worker deaths are handled by the
 #: scheduler, up to ``distributed.scheduler.allowed-failures`` times per task).
 RETRIES = 2
-
 
 
 def output_name(path) -> str:
@@ -100,6 +106,8 @@ class _SlideJob:
     spots: object = None  # SpotLayout
     tiles: list = field(default_factory=list)  # list of index arrays
     values: Optional[np.ndarray] = None
+    spread: Optional[np.ndarray] = None  # TTA uncertainty
+    colour: Optional[np.ndarray] = None  # colour-test flags (domain.colour_flags)
     outside: Optional[np.ndarray] = None
     blank: Optional[np.ndarray] = None
     written: Optional[np.ndarray] = None  # per spot: how many times it was delivered
@@ -108,68 +116,6 @@ class _SlideJob:
     stop: float = 0.0
     info: dict = field(default_factory=dict)
     futures: dict = field(default_factory=dict)  # key -> Future, until its result is in
-
-
-def local_cluster(workers: int = 2, threads_per_worker: int = 1, dashboard_address: str = ":8787"):
-    """A ``LocalCluster`` of worker processes set up for model inference.
-
-    dask's defaults cost throughput here: ``MALLOC_TRIM_THRESHOLD_`` (set by the nanny)
-    turns off glibc's adaptive mmap threshold, so every activation tensor becomes a fresh
-    mmap plus page faults (~15 % slower forward passes), and the 10 ms stack-sampling
-    profiler competes for the GIL. Tasks here are few and long, so neither is needed.
-    """
-    import dask
-    from distributed import LocalCluster
-
-    with dask.config.set(
-        {
-            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-            "distributed.worker.profile.enabled": False,
-        }
-    ):
-        return LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            dashboard_address=dashboard_address,
-        )
-
-
-def _connect(scheduler: str, workers: int, threads_per_worker: int, dashboard_address: str):
-    from distributed import Client
-
-    if scheduler == "local":
-        cluster = local_cluster(workers, threads_per_worker, dashboard_address)
-        try:
-            client = Client(cluster)
-        except BaseException:
-            cluster.close()
-            raise
-        return client, cluster
-    try:
-        client = Client(scheduler, timeout="20s")
-    except (OSError, TimeoutError) as exc:
-        raise M2ORTError(
-            f"Cannot reach the dask scheduler at {scheduler!r} ({exc}). Start it (dask scheduler) "
-            "and its workers first, check the address, or use --scheduler local."
-        ) from None
-    return client, None
-
-
-def _dashboard(client) -> str:
-    try:
-        services = client.scheduler_info().get("services", {})
-    except Exception:
-        services = {}
-    if "dashboard" not in services:
-        return ""
-    return client.dashboard_link
-
-
-def _has_bokeh() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bokeh") is not None
 
 
 def batch_predict(
@@ -197,6 +143,10 @@ def batch_predict(
     dashboard_address: str = ":8787",
     echo=print,
     compile: bool | str = False,
+    tta: str = "none",
+    smooth_um: float = 0.0,
+    max_spots: Optional[int] = None,
+    force: bool = False,
 ) -> BatchSummary:
     """Predict every slide of ``slides`` into ``out_dir/<name>.h5ad`` on a dask cluster.
 
@@ -209,32 +159,34 @@ def batch_predict(
     ``compile``: on/off/auto as in ``inference.predict``; "auto" compiles for slides of
     ``compiled.AUTO_MIN_SPOTS`` or more spots (each worker compiles its model once). Not
     part of the resume key: compiled and eager outputs differ only by rounding.
+    ``tta`` / ``smooth_um`` as in ``napari-m2ort predict`` (smoothing over each whole
+    slide); ``max_spots`` and ``force`` as in ``PredictRequest``, per slide.
     Raises ``M2ORTError`` for problems with the options (nothing runs); problems with one
     slide are reported in the returned summary.
     """
     from .devices import resolve_device, resolve_precision
     from .model.weights import read_card
-    from .pipelines import parse_region
+    from .pipelines import checks, parse_region
     from .spots import layout_params
+    from .tta import check_smooth_um, check_tta
 
     t_start = time.perf_counter()
     # ---- validate everything that does not depend on one slide (usage errors) -------
     slides = [str(os.fspath(s)) for s in slides]
     if not slides:
         raise M2ORTError("No slides given: pass one or more slide files.")
-    for name, v in (
-        ("--tile-spots", tile_spots),
-        ("--workers", workers),
-        ("--threads-per-worker", threads_per_worker),
-        ("--batch-size", batch_size),
-    ):
-        if int(v) < 1:
-            raise M2ORTError(f"{name} must be at least 1, got {v}.")
+    checks.cohort_options(
+        tile_spots=tile_spots, workers=workers, threads_per_worker=threads_per_worker, batch=batch_size
+    )
     rect = parse_region(region)
     region_s = None if rect is None else ",".join(repr(v) for v in rect)  # the resume key's form
+    checks.spot_geometry(pitch, diameter)
     layout_params(layout, pitch, diameter)
-    if mpp is not None and not (float(mpp) > 0 and np.isfinite(float(mpp))):
-        raise M2ORTError(f"--mpp {mpp!r}: give a positive number of µm per pixel.")
+    checks.mpp(mpp)
+    limit = checks.max_spots(max_spots)
+    tta, smooth_um = check_tta(tta), check_smooth_um(smooth_um)
+    out_dir = Path(os.fspath(out_dir)).expanduser()
+    checks.output_folder(out_dir, overwrite=True, what="output folder")
     model_file = _model_file(model_path)
     card = read_card(model_file)
     resolve_precision(precision, resolve_device("cpu"))  # checks the name
@@ -249,7 +201,6 @@ def batch_predict(
                 "or run them into different --out folders."
             )
         names[n] = s
-    out_dir = Path(os.fspath(out_dir)).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -265,6 +216,8 @@ def batch_predict(
         "precision": precision,
         "weights": weights_id(model_file),
         "genes": card.genes,
+        "tta": tta,
+        "smooth_um": smooth_um,
     }
     spot_settings = {
         "regions": None if rect is None else [rect],
@@ -272,7 +225,9 @@ def batch_predict(
         "pitch_um": pitch,
         "diameter_um": diameter,
         "tissue_only": bool(tissue),
+        "max_spots": limit,
     }
+    slide_checks = {"tta": tta, "smooth_um": smooth_um, "force": bool(force), "card": card, "echo": echo}
 
     seen: set[str] = set()
     jobs: list[_SlideJob] = []
@@ -310,11 +265,11 @@ def batch_predict(
         own = client is None
         cluster = None
         if own:
-            client, cluster = _connect(scheduler, int(workers), int(threads_per_worker), dashboard_address)
+            client, cluster = connect(scheduler, int(workers), int(threads_per_worker), dashboard_address)
         try:
-            summary.dashboard = _dashboard(client)
+            summary.dashboard = dashboard_link(client)
             if summary.dashboard:
-                hint = "" if _has_bokeh() else " (install bokeh>=3.1 for the live diagnostics)"
+                hint = "" if has_bokeh() else " (install bokeh>=3.1 for the live diagnostics)"
                 echo(f"dask dashboard: {summary.dashboard}{hint}")
             if torch_threads is None and own and scheduler == "local":
                 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -334,6 +289,7 @@ def batch_predict(
                 torch_threads,
                 progress,
                 compile=compile,
+                checks=slide_checks,
             )
         finally:
             if own:
@@ -351,7 +307,7 @@ def _fail(job: _SlideJob, message: str, t0: Optional[float] = None) -> None:
     r.status, r.error = "failed", " ".join(str(message).split()) or "failed"
     if t0 is not None:
         r.seconds = time.perf_counter() - t0
-    job.values = job.outside = job.blank = job.written = None
+    job.values = job.spread = job.colour = job.outside = job.blank = job.written = None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -378,16 +334,25 @@ def _run_jobs(
     torch_threads,
     show_progress,
     compile=False,
+    checks=None,
 ):
     """Prepare slides a few tiles ahead of the cluster, submit, gather, write."""
     from distributed import as_completed
     from tqdm import tqdm
 
+    from .devices import resolve_device
     from .inference import Prediction
     from .io.export import write_h5ad
     from .io.slides import open_slide
-    from .patches import spatial_order
+    from .patches import fov_um, spatial_order
     from .pipelines import SlidePrediction, spots_for_slide
+    from .pipelines.domain import check_resolution, colour_flags
+    from .tta import n_views, smooth
+
+    checks = checks or {}
+    tta, smooth_um = checks.get("tta", "none"), float(checks.get("smooth_um", 0.0))
+    echo = tqdm.write if show_progress else checks.get("echo", print)  # never glued to the bar
+    size_hint = {"n_genes": len(card.genes), "views": n_views(tta), "device": resolve_device(device).type}
 
     token = uuid.uuid4().hex[:8]
     ac = as_completed([], with_results=False)
@@ -409,25 +374,33 @@ def _run_jobs(
     def prepare(job: _SlideJob) -> None:
         nonlocal pending, n_tiles
         t0 = time.perf_counter()
+        notes: list[str] = []
         try:
-            slide = open_slide(job.path, mpp=mpp)  # warns here (once) if it has no pixel size
+            slide = open_slide(job.path, mpp=mpp, quiet=True)  # said per slide in the summary
             try:
-                spots = spots_for_slide(slide, **spot_settings)
+                note = check_resolution(slide.mpp, card.mpp, checks.get("force", False), f"'{slide.name}'")
+                spots = spots_for_slide(slide, **spot_settings, size_hint=size_hint, notes=notes)
+                job.colour = colour_flags(slide, spots.centers_um, fov_um(card.mpp))
                 default_mpp = slide.mpp_source == "default"
             finally:
                 slide.close()
-        except Exception as exc:  # one slide's problem; the others go on
+        except Exception as exc:  # one slide's problem, never retried; the others go on
             _fail(job, _error_text(exc), t0)
+            echo(f"{job.result.name}: failed: {job.result.error}")
             return
         n = len(spots)
         job.spots, job.slide = spots, slide
+        if note:
+            notes.append(note)
         if default_mpp:
-            job.result.note = f"no pixel size in the file: assumed {slide.mpp:g} µm/px"
+            notes.append(f"no pixel size in the file: assumed {slide.mpp:g} µm/px")
+        job.result.note = "; ".join(notes)
         order = spatial_order(spots.centers_um)
         k = max(1, int(np.ceil(n / tile_spots)))
         job.tiles = [t for t in np.array_split(order, k) if len(t)]
         g = len(card.genes)
         job.values = np.full((n, g), np.nan, dtype=np.float32)
+        job.spread = np.full((n, g), np.nan, dtype=np.float32) if tta != "none" else None
         job.outside = np.zeros(n, dtype=bool)
         job.blank = np.zeros(n, dtype=bool)
         job.written = np.zeros(n, dtype=np.uint8)
@@ -450,6 +423,7 @@ def _run_jobs(
                 torch_threads,
                 compile,
                 n,
+                tta,
                 key=f"m2ort-tile-{token}-{job.index}-{t}",
                 retries=retries,
                 priority=-job.index,  # earlier slides first: outputs appear in order
@@ -480,17 +454,24 @@ def _run_jobs(
                 "tiles": len(job.tiles),
                 "worker_seconds": r.worker_seconds,
                 "batch": True,
+                "tta": tta,
+                "smooth_um": smooth_um,
             }
+            values = job.values
+            if smooth_um > 0:  # over the whole slide, as predict does
+                values = smooth(values, job.spots.centers_um, smooth_um, use=~job.outside & ~job.blank)
             pred = Prediction(
                 job.spots.centers_um,
-                job.values,
-                np.ones(len(job.values), bool),
+                values,
+                np.ones(len(values), bool),
                 list(card.genes),
                 job.outside,
                 job.blank,
                 info,
+                job.spread,
             )
-            adata = SlidePrediction(pred, job.spots, card, job.slide, len(job.values)).to_anndata()
+            result = SlidePrediction(pred, job.spots, card, job.slide, len(values), colour=job.colour)
+            adata = result.to_anndata()
             adata.uns["m2ort"]["batch"] = batch_record(job.key, len(job.values), len(card.genes))
             r.output = write_h5ad(adata, job.output)
             r.status, r.seconds = "done", seconds
@@ -503,7 +484,7 @@ def _run_jobs(
             r.note = "; ".join(notes)
         except Exception as exc:
             _fail(job, f"writing {job.output} failed: {_error_text(exc)}")
-        job.values = job.outside = job.blank = job.written = None
+        job.values = job.spread = job.colour = job.outside = job.blank = job.written = None
         job.spots = job.slide = None
         n_finished += 1
 
@@ -526,12 +507,20 @@ def _run_jobs(
                 tqdm.write(f"{job.result.name}: failed: {job.result.error}")
             return
         res: TileResult = fut.result()
+        if res.error:  # cannot succeed on retry: the slide fails, its other tiles are dropped
+            _fail(job, f"tile {t}: {res.error}")
+            client.cancel(list(job.futures.values()))
+            if show_progress:
+                tqdm.write(f"{job.result.name}: failed: {job.result.error}")
+            return
         idx = job.tiles[t]
         if res.tile_id != t or res.slide_index != job.index or not np.array_equal(res.indices, idx):
             _fail(job, f"internal error: tile {t} came back with other spots")
             return
         job.written[idx] += 1
         job.values[idx] = res.values
+        if job.spread is not None and res.uncertainty is not None:
+            job.spread[idx] = res.uncertainty
         job.outside[idx] = res.outside
         job.blank[idx] = res.blank
         job.start, job.stop = min(job.start, res.start), max(job.stop, res.stop)

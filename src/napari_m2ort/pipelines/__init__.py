@@ -22,10 +22,22 @@ from .models import (
     model_for_training,
     new_card,
     read_model_card,
+    remember_model,
     resolve_genes,
     resolve_model,
+    trained_on,
 )
-from .predict import merge_layouts, parse_region, plan_slide, predict_slide, predict_spots, run_plan, spots_for_slide
+from .outputs import check_prediction_output, prediction_anndata, write_json, write_prediction
+from .predict import (
+    estimate_spots,
+    merge_layouts,
+    parse_region,
+    plan_slide,
+    predict_slide,
+    predict_spots,
+    run_plan,
+    spots_for_slide,
+)
 from .requests import (
     EvaluateRequest,
     FineTuneRequest,
@@ -47,6 +59,11 @@ __all__ = [
     "PredictionPlan",
     "SlidePrediction",
     "build_model",
+    "check_prediction_output",
+    "estimate_spots",
+    "prediction_anndata",
+    "write_json",
+    "write_prediction",
     "checkpoint_path",
     "evaluate",
     "fine_tune",
@@ -60,9 +77,11 @@ __all__ = [
     "predict_slide",
     "predict_spots",
     "read_model_card",
+    "remember_model",
     "resolve_genes",
     "resolve_model",
     "run_plan",
     "spots_for_slide",
     "split_sections",
+    "trained_on",
 ]

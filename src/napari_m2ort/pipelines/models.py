@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -39,8 +42,45 @@ def is_baseline(spec) -> bool:
     return isinstance(spec, str) and spec in CNN_BACKBONES
 
 
+MEMORY_PREFIX = "memory:"
+_MEMORY: dict[str, tuple] = {}  # key -> (weak reference to the model, card)
+_MEMORY_LOCK = threading.Lock()
+
+
+def remember_model(model, card) -> str:
+    """A ``"memory:<key>"`` spec for a model held in memory (a fine-tuned one).
+
+    A front door that stores specs as strings (the widgets' model lists) can then pass
+    the spec anywhere a model is taken. The model is held weakly: the spec resolves as
+    long as its owner keeps the model."""
+    text = card.to_json() if hasattr(card, "to_json") else repr(card)
+    key = hashlib.sha1(f"{id(model)}:{text}".encode()).hexdigest()[:12]
+    with _MEMORY_LOCK:
+        _MEMORY[key] = (weakref.ref(model), card)
+    return MEMORY_PREFIX + key
+
+
+def _from_memory(spec):
+    """The ``(model, card)`` pair of a ``"memory:<key>"`` spec; None for other specs."""
+    if not (isinstance(spec, str) and spec.startswith(MEMORY_PREFIX)):
+        return None
+    with _MEMORY_LOCK:
+        hit = _MEMORY.get(spec[len(MEMORY_PREFIX) :])
+    model = hit[0]() if hit is not None else None
+    if model is None:
+        raise M2ORTError("The selected in-memory model is no longer available; choose another one.")
+    return model, hit[1]
+
+
+def _pair(spec):
+    """``(model, card)`` for an in-memory spec (a pair, or ``"memory:<key>"``), else None."""
+    if isinstance(spec, tuple) and len(spec) == 2 and hasattr(spec[1], "genes"):
+        return spec
+    return _from_memory(spec)
+
+
 def _is_pair(spec) -> bool:
-    return isinstance(spec, tuple) and len(spec) == 2 and hasattr(spec[1], "genes")
+    return _pair(spec) is not None
 
 
 def _bad_spec(spec) -> M2ORTError:
@@ -85,8 +125,9 @@ def read_model_card(spec: ModelSpec):
     """The ``ModelCard`` of a trained spec without loading its weights."""
     from ..model.weights import read_card
 
-    if _is_pair(spec):
-        return spec[1]
+    pair = _pair(spec)
+    if pair is not None:
+        return pair[1]
     path = checkpoint_path(spec)
     if path is None:
         raise M2ORTError(f"{spec!r} names an architecture, not trained weights: it has no model card yet.")
@@ -109,14 +150,16 @@ def resolve_model(
     * a ``.safetensors`` path (also ``"file:<path>"``): a trained checkpoint;
     * a variant name (``m2ort_small|base|large``, or a CNN baseline): a new, untrained
       model with a head for ``genes`` (required) at ``mpp`` µm/px;
-    * an in-memory ``(model, card)`` pair: returned as it is.
+    * an in-memory ``(model, card)`` pair, or its ``"memory:<key>"`` spec
+      (``remember_model``): returned as it is.
 
     Raises ``M2ORTError`` with a sentence saying what to give instead.
     """
     from ..model.weights import load_checkpoint
 
-    if _is_pair(spec):
-        return spec
+    pair = _pair(spec)
+    if pair is not None:
+        return pair
     if is_variant(spec):
         if not genes:
             raise M2ORTError(
@@ -129,12 +172,33 @@ def resolve_model(
     return load_checkpoint(checkpoint_path(spec), device=device)
 
 
+def trained_on(card, names: Sequence[str]) -> list:
+    """Which of the section ``names`` the card's ``training_data`` lists (a score on them
+    is a fit, not a held-out result). A fine-tune of the bundled model also counts the
+    bundled model's sections."""
+    import re
+
+    text = str(getattr(card, "training_data", "") or "")
+    tokens = set(re.findall(r"[A-Za-z0-9_.+-]+", text))
+    if "bundled" in tokens:
+        try:
+            tokens |= set(re.findall(r"[A-Za-z0-9_.+-]+", str(read_model_card(BUNDLED).training_data or "")))
+        except (M2ORTError, OSError):
+            pass
+    return [n for n in names if str(n) in tokens]
+
+
 # ---------------------------------------------------------------- new models and panels
 
 
-def resolve_genes(spec: str, sections, model_genes: Optional[Sequence[str]] = None) -> list:
-    """The gene panel a spec names: "model", "top:N", a gene-list file or "A,B,C"."""
-    from ..targets import select_panel
+def resolve_genes(spec: str, sections, model_genes: Optional[Sequence[str]] = None, rule: Optional[str] = None) -> list:
+    """The gene panel a spec names: "model", "top:N" (chosen by ``rule``, a key of
+    ``targets.PANEL_RULES``), a gene-list file or "A,B,C"."""
+    from ..targets import PANEL_RULES, select_panel
+
+    rule = rule or next(iter(PANEL_RULES))
+    if rule not in PANEL_RULES:
+        raise M2ORTError(f"Unknown panel rule {rule!r}: use one of {', '.join(PANEL_RULES)}.")
 
     spec = (spec or "model").strip()
     if spec == "model":
@@ -146,7 +210,9 @@ def resolve_genes(spec: str, sections, model_genes: Optional[Sequence[str]] = No
             n = int(spec[4:])
         except ValueError:
             raise M2ORTError(f"--genes {spec!r}: write top:N with a number, e.g. top:250.") from None
-        return list(select_panel([s.adata for s in sections], n=n))
+        if not 1 <= n <= 100_000:
+            raise M2ORTError(f"--genes {spec!r}: N must be from 1 to 100000.")
+        return list(select_panel([s.adata for s in sections], n=n, rule=rule))
     path = Path(spec)
     if path.is_file():
         genes = [g.strip() for g in path.read_text().replace(",", "\n").splitlines() if g.strip()]
@@ -199,6 +265,7 @@ def model_for_training(
     genes: str = "model",
     train_mpp: Optional[float] = None,
     tied_kv: bool = False,
+    panel_rule: Optional[str] = None,
 ):
     """``(model, card)`` a training starts from.
 
@@ -207,29 +274,32 @@ def model_for_training(
     model on the data's top 250 genes unless ``genes`` says otherwise.
     """
     from ..model.weights import replace_head
-    from ..targets import PANEL_RULE
+    from ..targets import PANEL_RULES
 
     data_desc = ", ".join(s.name for s in sections)
     if not is_variant(spec):
-        if _is_pair(spec):
-            model, card = copy.deepcopy(spec[0]), copy.deepcopy(spec[1])
+        pair = _pair(spec)
+        if pair is not None:
+            model, card = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
             source = "an in-memory model"
         else:
             model, card = resolve_model(spec)
             source = str(spec)
-        panel = resolve_genes(genes, sections, card.genes)
+        panel = resolve_genes(genes, sections, card.genes, panel_rule)
         if panel != list(card.genes):
             model = replace_head(model, len(panel))
             card.genes = panel
             card.target_mean = None
+            if (genes or "").startswith("top:"):
+                card.gene_panel_rule = PANEL_RULES[panel_rule or next(iter(PANEL_RULES))]
         if train_mpp:
             card.mpp, card.fov_um = float(train_mpp), 224 * float(train_mpp)
         card.training_data = f"fine-tuned from {source} on {data_desc}"
         card.metrics = {}
         return model, card
     genes = genes if genes and genes != "model" else "top:250"
-    panel = resolve_genes(genes, sections)
-    rule = PANEL_RULE if genes.startswith("top:") else ""
+    panel = resolve_genes(genes, sections, rule=panel_rule)
+    rule = PANEL_RULES[panel_rule or next(iter(PANEL_RULES))] if genes.startswith("top:") else ""
     return resolve_model(
         spec,
         genes=panel,

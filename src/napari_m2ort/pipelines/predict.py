@@ -8,8 +8,10 @@ already shown). ``predict_spots`` is the one place inference options reach
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -17,7 +19,8 @@ import numpy as np
 
 from ..errors import M2ORTError
 from ..progress import Job, Progress
-from .models import resolve_model
+from . import checks
+from .models import read_model_card, resolve_model
 from .requests import PredictionPlan, PredictRequest, SlidePrediction
 
 Rect = tuple[float, float, float, float]
@@ -28,13 +31,9 @@ def parse_region(region) -> Optional[Rect]:
     if region is None or (isinstance(region, str) and not region.strip()):
         return None
     parts = region.split(",") if isinstance(region, str) else list(np.asarray(region, dtype=object).ravel())
-    try:
-        vals = [float(v) for v in parts]
-    except (TypeError, ValueError):
-        vals = []
-    if len(vals) != 4 or not all(np.isfinite(vals)):
+    if len(parts) != 4:
         raise M2ORTError(f"Region {region!r}: give four numbers x0,y0,x1,y1 in µm.")
-    return tuple(vals)  # type: ignore[return-value]
+    return checks.region(parts)
 
 
 def _as_regions(regions) -> Optional[list]:
@@ -70,6 +69,24 @@ def merge_layouts(parts: Sequence):
     )
 
 
+def estimate_spots(slide_size_um, areas, layout: str = "visium", pitch_um=None, diameter_um=None) -> int:
+    """Spots the layout would put in the regions (clipped to the slide), from their areas
+    alone: nothing is allocated, whatever the pitch."""
+    from ..spots import as_region, layout_params
+
+    grid, pitch, _ = layout_params(layout, pitch_um, diameter_um)
+    h, w = slide_size_um
+    total = 0
+    for r in areas:
+        region = as_region(r)
+        x0, y0, x1, y1 = region.bounds
+        cw, ch = max(0.0, min(x1, w) - max(x0, 0.0)), max(0.0, min(y1, h) - max(y0, 0.0))
+        area = min(region.area_um2, cw * ch)
+        # a row and a column of spots on the edges come on top of area / cell
+        total += checks.spots_in(area, pitch, grid) + int(math.ceil((cw + ch) / pitch)) + 1
+    return total
+
+
 def spots_for_slide(
     slide,
     regions=None,
@@ -78,19 +95,32 @@ def spots_for_slide(
     diameter_um: Optional[float] = None,
     tissue_only: bool = False,
     mask=None,
+    max_spots: Optional[int] = None,
+    size_hint: Optional[dict] = None,
+    notes: Optional[list] = None,
 ):
     """The spots of ``layout`` inside ``regions`` (µm; None = the whole slide) of ``slide``.
 
     ``tissue_only`` keeps the spots on tissue, using ``mask`` if given (a
-    ``spots.TissueMask`` of this slide) or computing one. Raises ``M2ORTError`` when no
-    spot is left.
+    ``spots.TissueMask`` of this slide) or computing one. Before laying anything out, the
+    spot count is estimated from the areas: above ``max_spots`` (default
+    ``checks.MAX_SPOTS``) it is refused with the estimate, well before it is warned about
+    (``size_hint``: ``n_genes``, ``views``, ``device`` for the estimate's memory and time;
+    the warning is appended to ``notes`` when given, else ``warnings.warn``). Raises ``M2ORTError`` when no spot is left.
     """
     from ..spots import layout_spots, restrict_to_tissue, tissue_mask
 
+    checks.spot_geometry(pitch_um, diameter_um)
     areas = _as_regions(regions)
     if areas is None:
         h, w = slide.size_um
         areas = [(0.0, 0.0, w, h)]
+    n_est = estimate_spots(slide.size_um, areas, layout, pitch_um, diameter_um)
+    note = checks.check_size(n_est, checks.max_spots(max_spots), **(size_hint or {}))
+    if note and notes is not None:
+        notes.append(note)
+    elif note:
+        warnings.warn(note, stacklevel=2)
     spots = merge_layouts([layout_spots(r, layout, pitch_um, diameter_um, slide_size_um=slide.size_um) for r in areas])
     if tissue_only and len(spots):
         spots = restrict_to_tissue(spots, mask if mask is not None else tissue_mask(slide))
@@ -138,25 +168,54 @@ def _open(request: PredictRequest):
 
 
 def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:
-    """Load the model and the slide and lay out the spots (a job: it may find tissue)."""
-    from ..spots import tissue_mask
+    """Check the request, load the model and the slide, and lay out the spots (a job:
+    it may find tissue).
 
+    Before any pixel is decoded: every number is checked (``checks.predict_request``),
+    the slide's resolution against the model's (``domain.check_resolution``: far coarser
+    is refused unless ``request.force``) and the job's size (``max_spots``). Then the
+    colour test flags spots that look blank or unlike H&E. Warnings go through
+    ``warnings.warn`` and are kept in ``plan.notes``."""
+    from ..devices import resolve_device
+    from ..patches import fov_um
+    from ..spots import tissue_mask
+    from ..tta import n_views
+    from .domain import check_resolution, colour_flags, flag_warning
+
+    checks.predict_request(request)
     yield Progress("prepare", 0, 1, "loading the model and slide")
-    model, card = resolve_model(request.model)
+    card = read_model_card(request.model)
     slide, opened = _open(request)
+    notes: list[str] = []
     try:
+        note = check_resolution(slide.mpp, card.mpp, request.force, f"'{slide.name}'")
+        if note:
+            notes.append(note)
+        hint = {
+            "n_genes": len(card.genes),
+            "views": n_views(request.tta),
+            "device": resolve_device(request.device).type,
+        }
         mask = request.tissue_mask
         if request.tissue_only and mask is None:
             yield Progress("prepare", 0, 1, "finding tissue")
             mask = tissue_mask(slide)
         spots = spots_for_slide(
-            slide, request.regions, request.layout, request.pitch_um, request.diameter_um, request.tissue_only, mask
-        )
+            slide, request.regions, request.layout, request.pitch_um, request.diameter_um, request.tissue_only,
+            mask, max_spots=request.max_spots, size_hint=hint, notes=notes,
+        )  # fmt: skip
+        colour = colour_flags(slide, spots.centers_um, fov_um(card.mpp))
+        note = flag_warning(colour)
+        if note:
+            notes.append(note)
+        model, card = resolve_model(request.model)
     except BaseException:
         if opened:
             slide.close()
         raise
-    plan = PredictionPlan(slide, model, card, spots, len(spots), mask, opened)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    plan = PredictionPlan(slide, model, card, spots, len(spots), mask, opened, colour, notes)
     return plan.without(request.skip_ids)
 
 
@@ -167,7 +226,7 @@ def run_plan(
 
     Yields ``Progress("plan", 0, n, data={"plan": plan})`` first, then the prediction's
     events (``data={"indices", "values"}``); stopping keeps the spots done so far."""
-    result = SlidePrediction(None, plan.spots, plan.card, plan.slide, plan.n_candidates, plan.tissue_mask)
+    result = SlidePrediction(None, plan.spots, plan.card, plan.slide, plan.n_candidates, plan.tissue_mask, plan.colour)
     if len(plan.spots) == 0:
         return result
     yield Progress("plan", 0, len(plan.spots), f"{len(plan.spots)} spots", data={"plan": plan})

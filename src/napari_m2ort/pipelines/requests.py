@@ -43,7 +43,10 @@ class PredictRequest:
     keeps the spots on tissue (``tissue_mask`` reuses a mask computed earlier for this
     slide). ``skip_ids``: spot ids already predicted, left out (a second, overlapping
     region adds only the new spots). ``tta`` / ``smooth_um`` are passed to
-    ``inference.predict``.
+    ``inference.predict`` (the front doors offer ``tta.DEFAULT_TTA`` /
+    ``DEFAULT_SMOOTH_UM``). ``max_spots``: the size budget (``checks.MAX_SPOTS``), checked
+    before any spot is laid out. ``force``: predict on a slide far coarser than the
+    model's resolution anyway (see ``domain``).
     """
 
     slide: Any
@@ -62,6 +65,8 @@ class PredictRequest:
     smooth_um: float = 0.0
     skip_ids: Collection[str] = ()
     tissue_mask: Optional[TissueMask] = None
+    max_spots: Optional[int] = None
+    force: bool = False
 
 
 @dataclass
@@ -79,6 +84,10 @@ class PredictionPlan:
     n_candidates: int
     tissue_mask: Optional[TissueMask] = None
     opened: bool = False  # the plan opened the slide itself (from a path)
+    #: per spot "ok" / "blank" / "not-HE" from the colour test (``domain.colour_flags``)
+    colour: Optional[Any] = None
+    #: warnings found while planning (resolution, flagged spots, job size), also warned
+    notes: list = field(default_factory=list)
 
     def without(self, ids: Collection[str]) -> PredictionPlan:
         """The same plan without the spots whose id is in ``ids``."""
@@ -90,7 +99,8 @@ class PredictionPlan:
             return self
         ids = {str(i) for i in ids}
         keep = np.array([str(i) not in ids for i in self.spots.ids], dtype=bool)
-        return dataclasses.replace(self, spots=self.spots.subset(keep))
+        colour = None if self.colour is None else self.colour[keep]
+        return dataclasses.replace(self, spots=self.spots.subset(keep), colour=colour)
 
     @property
     def n_skipped(self) -> int:
@@ -109,20 +119,26 @@ class SlidePrediction:
     slide: Any
     n_candidates: int
     tissue_mask: Optional[TissueMask] = None
+    colour: Optional[Any] = None  # per spot colour-test flag (see PredictionPlan)
 
     @property
     def n_skipped(self) -> int:
         return self.n_candidates - len(self.spots)
 
+    @property
+    def flags(self):
+        """Per spot "ok" / "off-slide" / "blank" / "not-HE" (``domain.spot_flags``)."""
+        from .domain import spot_flags
+
+        p = self.prediction
+        return spot_flags(self.colour, None if p is None else p.outside, None if p is None else p.blank)
+
     def to_anndata(self):
-        """AnnData of the predicted spots (``io.export.prediction_to_anndata``)."""
-        from ..io.export import prediction_to_anndata
+        """AnnData of the predicted spots: ``outputs.prediction_anndata``, the one
+        structure every front door writes."""
+        from .outputs import prediction_anndata
 
-        if self.prediction is None:
-            from ..errors import M2ORTError
-
-            raise M2ORTError("Nothing was predicted: every spot of the region was predicted before.")
-        return prediction_to_anndata(self.prediction, self.card, self.slide, self.spots)
+        return prediction_anndata(self)
 
 
 @dataclass
@@ -136,7 +152,8 @@ class FineTuneRequest:
     separated list. ``val``: "blocks" (held-out spatial blocks of every section), "none",
     or the name(s) of held-out section(s). ``out_path``: where the best checkpoint goes
     (None: kept in memory only; CNN baselines are never saved). ``train_mpp``: the µm/px
-    the model works at (default: the model's, or 0.69 for a new model).
+    the model works at (default: the model's, or 0.69 for a new model). ``panel_rule``:
+    how "top:N" picks genes (a key of ``targets.PANEL_RULES``; default its first).
     """
 
     sections: Sequence[Any]
@@ -148,6 +165,7 @@ class FineTuneRequest:
     train_mpp: Optional[float] = None
     tied_kv: bool = False
     cache_dir: Optional[Path] = None
+    panel_rule: Optional[str] = None
 
 
 @dataclass

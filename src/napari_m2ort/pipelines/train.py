@@ -7,12 +7,14 @@ loaded sections and their choices; the patches, the split and the loop are done 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 from ..errors import Cancelled, M2ORTError
 from ..progress import Job, Progress
-from .models import is_baseline, model_for_training, resolve_model
+from . import checks
+from .models import is_baseline, model_for_training, resolve_model, trained_on
 from .requests import EvaluateRequest, FineTuneRequest
 
 
@@ -53,8 +55,12 @@ def fine_tune(request: FineTuneRequest, should_stop: Optional[Callable[[], bool]
     from ..training import prepare_section, train
 
     _check_sections(request.sections)
+    checks.train_config(request.config)
+    checks.mpp(request.train_mpp, "Training resolution (µm/px)")
     yield Progress("setup", 0, 1, "loading the model")
-    model, card = model_for_training(request.model, request.sections, request.genes, request.train_mpp, request.tied_kv)
+    model, card = model_for_training(
+        request.model, request.sections, request.genes, request.train_mpp, request.tied_kv, request.panel_rule
+    )
     cached = []
     for sec in request.sections:
         cached.append((yield from prepare_section(sec, card.genes, card.mpp, cache_dir=request.cache_dir)))
@@ -72,11 +78,21 @@ def evaluate(request: EvaluateRequest) -> Job[dict]:
     ``sections`` and ``model`` added)."""
     from ..devices import resolve_device
     from ..training import evaluate_cached, prepare_section
+    from ..tta import OUTPUT_RULE
 
     _check_sections(request.sections)
+    checks.inference_options(request)
+    tta, smooth_um = request.tta, request.smooth_um
     yield Progress("setup", 0, 1, "loading the model")
     dev = resolve_device(request.device)
     model, card = resolve_model(request.model, device=str(dev))
+    seen = trained_on(card, [s.name for s in request.sections])
+    if seen:
+        warnings.warn(
+            f"{', '.join(seen)} {'is' if len(seen) == 1 else 'are'} in the model's training data "
+            f"({card.training_data}): the score there measures the fit, not accuracy on unseen tissue.",
+            stacklevel=2,
+        )
     cached = []
     for sec in request.sections:
         cached.append(
@@ -90,10 +106,12 @@ def evaluate(request: EvaluateRequest) -> Job[dict]:
         device=dev,
         precision=request.precision,
         batch_size=request.batch_size,
-        tta=request.tta,
-        smooth_um=request.smooth_um,
+        tta=tta,
+        smooth_um=smooth_um,
     )
     yield Progress("evaluate", 1, 1, "done")
+    res["output_rule"] = OUTPUT_RULE
+    res["in_training_data"] = seen
     res["sections"] = [s.name for s in request.sections]
     res["model"] = str(request.model) if isinstance(request.model, (str, os.PathLike)) else card.variant
     return res
