@@ -329,3 +329,69 @@ def prefer_plugin_writers() -> bool:
         return True
     except Exception:  # pragma: no cover - private npe2 structure changed
         return False
+
+
+# ------------------------------------------------------------------ several slides
+
+SLIDE_GAP = 0.05  # of the widest slide, between slides placed side by side
+
+
+def slide_layers(viewer) -> list:
+    """The H&E Image layers (not the plugin's own heat maps or twins)."""
+    from napari.layers import Image
+
+    return [ly for ly in viewer.layers if isinstance(ly, Image) and (ly.metadata or {}).get("m2ort_kind") is None]
+
+
+def _xy_extent(layer) -> np.ndarray:
+    """World (min, max) of the layer along y and x: 2 × 2."""
+    return np.asarray(layer.extent.world, dtype=float)[:, -2:]
+
+
+def place_slide(viewer, layer) -> None:
+    """A new slide opens to the right of the slides already there, never on top of them;
+    its measured spots (and everything predicted on it, through its translate) follow."""
+    others = [ly for ly in slide_layers(viewer) if ly is not layer and ly.unique_id != layer.unique_id]
+    if not others:
+        return
+    mine = _xy_extent(layer)
+    boxes = [_xy_extent(ly) for ly in others]
+    overlaps = any((mine[0] < b[1]).all() and (b[0] < mine[1]).all() for b in boxes)
+    if not overlaps:
+        return
+    right = max(b[1, 1] for b in boxes)
+    width = max(max(b[1, 1] - b[0, 1] for b in boxes), mine[1, 1] - mine[0, 1])
+    t = np.asarray(layer.translate, dtype=float).copy()
+    t[-1] += right + SLIDE_GAP * width - mine[0, 1]
+    layer.translate = t
+
+
+def slide_path(layer) -> str:
+    return str((layer.metadata or {}).get("path") or "")
+
+
+def tie_measured(viewer, points) -> None:
+    """Measured spots read with a slide go where that slide is: the latest slide layer
+    opened from the section's image gets them (same translate, recorded in metadata)."""
+    section = (points.metadata or {}).get("st_section")
+    image = getattr(section, "image_path", None)
+    if image is None:
+        return
+    from pathlib import Path
+
+    def same(p):
+        try:
+            return bool(p) and Path(p).resolve() == Path(image).resolve()
+        except OSError:
+            return False
+
+    taken = {(ly.metadata or {}).get("slide_layer") for ly in measured_layers(viewer) if ly is not points}
+    slides = [ly for ly in slide_layers(viewer) if same(slide_path(ly))]
+    free = [ly for ly in slides if ly.unique_id not in taken] or slides
+    if not free:
+        return
+    slide = free[-1]
+    points.metadata["slide_layer"] = slide.unique_id
+    t = np.asarray(points.translate, dtype=float).copy()
+    t[-2:] = np.asarray(slide.translate, dtype=float)[-2:]
+    points.translate = t

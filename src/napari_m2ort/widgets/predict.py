@@ -129,10 +129,21 @@ class PredictWidget(QWidget):
     def _on_layers_changed(self, event=None) -> None:
         if event is not None and getattr(event, "type", "") == "inserted":
             event.value.events.name.connect(self._refresh_layer_choices)
+            self._place(event.value)
         layer = self.display.layer
         if layer is not None and layer not in self.viewer.layers:
             self.display.layer = None
         self._refresh_layer_choices()
+
+    def _place(self, layer) -> None:
+        """Several slides: each opens beside the others, its measured spots with it."""
+        from napari.layers import Image, Points
+
+        kind = (layer.metadata or {}).get("m2ort_kind")
+        if isinstance(layer, Image) and kind is None:
+            L.place_slide(self.viewer, layer)
+        elif isinstance(layer, Points) and kind is None and (layer.metadata or {}).get("st_section") is not None:
+            L.tie_measured(self.viewer, layer)
 
     def _on_active_layer(self, event=None) -> None:
         layer = self.viewer.layers.selection.active

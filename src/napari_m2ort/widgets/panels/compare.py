@@ -55,15 +55,22 @@ class Comparison:
         state.events.side_by_side.connect(self._toggled)
 
     def measured_layer(self):
+        """The measured spots of the slide shown: those tied to this slide layer, else
+        read with its image file; a Points layer of unknown origin only when it is alone."""
         layers = L.measured_layers(self.viewer)
         slide = self.slide_layer()
-        if slide is not None:  # prefer the one from the same section
-            path = str((slide.metadata or {}).get("path", ""))
-            for ly in layers:
-                sec = (ly.metadata or {}).get("st_section")
-                if sec is not None and path and str(getattr(sec, "image_path", "")) == path:
-                    return ly
-        return layers[0] if layers else None
+        if slide is None:
+            return None
+        tied = [ly for ly in layers if (ly.metadata or {}).get("slide_layer") == slide.unique_id]
+        if tied:
+            return tied[0]
+        path = L.slide_path(slide)
+        for ly in layers:
+            sec = (ly.metadata or {}).get("st_section")
+            if sec is not None and path and str(getattr(sec, "image_path", "")) == path:
+                return ly
+        foreign = [ly for ly in layers if (ly.metadata or {}).get("st_section") is None]
+        return foreign[0] if len(foreign) == 1 and len(L.slide_layers(self.viewer)) == 1 else None
 
     def update(self) -> None:
         layer, gene = self.state.layer, self.state.gene

@@ -162,6 +162,8 @@ class AtMeasured:
         if slide is None:
             raise M2ORTError("Open the H&E slide of the measured section first.")
         meas = w.measured_layer()
+        if meas is None:  # spots of another slide only: say so rather than "none"
+            meas = next((ly for ly in L.measured_layers(w.viewer) if (ly.metadata or {}).get("st_section")), None)
         section = (meas.metadata or {}).get("st_section") if meas is not None else None
         if section is None:
             raise M2ORTError(
@@ -169,7 +171,8 @@ class AtMeasured:
                 "(File > Open, or File > Open Sample > napari M2ORT)."
             )
         path = (slide.metadata or {}).get("path")
-        if not same_slide(path, section):
+        tied = (meas.metadata or {}).get("slide_layer")
+        if not same_slide(path, section) or (tied is not None and tied != slide.unique_id):
             raise M2ORTError(
                 f"'{meas.name}' was measured on {getattr(section, 'image_path', None) or 'another image'}, "
                 f"not on the slide '{slide.name}' ({path or 'no file'}): comparing spots of one section "
