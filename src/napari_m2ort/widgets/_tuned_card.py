@@ -31,6 +31,16 @@ def per_section_words(metrics: Optional[dict], key: str = "pcc_gene_mean") -> st
     return ", ".join(f"{name} {_pcc(m.get(key))} ({m.get('n_spots', '?')} spots)" for name, m in per.items())
 
 
+def fit_table(fit: Optional[dict]) -> str:
+    """'C2:train PCC-gene 0.452, PCC-spot 0.913 (29 spots)' per training section."""
+    per = (fit or {}).get("per_section") or {}
+    return "; ".join(
+        f"{name} PCC-gene {_pcc(m.get('pcc_gene_mean'))}, PCC-spot {_pcc(m.get('pcc_spot_mean'))} "
+        f"({m.get('n_spots', '?')} spots)"
+        for name, m in per.items()
+    )
+
+
 def kept_epoch_words(result) -> str:
     """'kept epoch 2 (validation PCC-gene 0.310)', or '' when no epoch was kept."""
     if result is None or result.best_epoch is None or result.best_epoch < 1:
@@ -102,7 +112,7 @@ def describe_training(
         f"Validation on {validation_words(val)}: PCC-gene {_pcc((validation or {}).get('pcc_gene_mean'))}"
         + (f" (mean over sections: {per_section_words(validation)})" if validation else "")
         + ".",
-        "Fit on the training spots: " + (per_section_words(fit) or "not measured (training was cancelled)") + ".",
+        "Fit on the training spots: " + (fit_table(fit) or "not measured (training was cancelled)") + ".",
         "These numbers describe this fine-tune only; the starting model's own evaluation is not carried over.",
     ]
     card.notes = "\n".join(lines)

@@ -61,6 +61,7 @@ class FinetuneWidget(QWidget):
         self._t0 = 0.0
         self._run = None  # (request, starting-model label) of the training in flight
         self._epoch = 0  # the epoch the training is in (from its progress)
+        self._last_epoch = ""  # the last finished epoch's words (loss, validation per section)
         self._handed = None  # (weak Predict widget, its spec) after "Use for prediction"
         self._tabbed = False
         self._build()
@@ -339,6 +340,7 @@ class FinetuneWidget(QWidget):
         self._handed = None
         self._run = (request, self.model_combo.currentText() or str(request.model))
         self._epoch = 0
+        self._last_epoch = ""
         self._t0 = time.perf_counter()
         self.run_panel.busy()
         self.status.setText("Preparing…")
@@ -366,16 +368,18 @@ class FinetuneWidget(QWidget):
             self.status.setText(ev.message)
         elif ev.stage in ("patches", "train"):
             self.run_panel.progress(ev.done, ev.total)
-            self.status.setText(f"{'Sampling patches' if ev.stage == 'patches' else 'Training'}: {ev.message}")
+            text = f"{'Sampling patches' if ev.stage == 'patches' else 'Training'}: {ev.message}"
+            self.status.setText(text + (f"\nLast: {self._last_epoch}" if self._last_epoch else ""))
             if ev.stage == "train" and "loss" in d:
                 self._epoch = int(d.get("epoch", self._epoch))
-                self.plot.add_step(int(d["step"]), float(d["loss"]), int(d.get("epoch", 0)))
+                self.plot.add_step(int(d["step"]), float(d["loss"]), int(d.get("epoch", 0)), int(ev.total or 0))
         elif ev.stage == "epoch":
             val = d.get("val") or {}
             pcc = val.get("pcc_gene_mean") if isinstance(val, dict) else None
             epoch = int(d.get("epoch", ev.done))
             self.plot.add_epoch(epoch, float(d.get("train_loss", np.nan)), float(pcc) if pcc is not None else None)
-            self.status.setText(self._epoch_words(epoch, ev.total, d))
+            self._last_epoch = self._epoch_words(epoch, ev.total, d)
+            self.status.setText(self._last_epoch)
 
     @staticmethod
     def _epoch_words(epoch: int, total: int, record: dict) -> str:
@@ -437,8 +441,8 @@ class FinetuneWidget(QWidget):
         names = ", ".join(str(n) for n in (self.result.card.metrics.get("fine_tune") or {}).get("sections", {}))
         what = f"fine-tuned on {names}" if names else "fine-tuned"
         if self.saved_path is not None:
-            return f"{self.saved_path.name} ({what})"
-        return f"{what}, {self.result.card.created[:16].replace('T', ' ')} (unsaved)"
+            return f"{self.saved_path.name} — {what}"
+        return f"{what} — unsaved, {self.result.card.created[:16].replace('T', ' ')}"
 
     def save(self, path=None) -> Optional[Path]:
         from ..model.weights import save_checkpoint

@@ -63,10 +63,12 @@ class LivePlot(QWidget):
         self.val_epochs: list[float] = []
         self.val_pcc: list[float] = []
         self.steps_per_epoch = 1
+        self.total_steps = 0  # the whole run's steps, once known: the x axis spans them
         self._draw()
 
     # events --------------------------------------------------------------------------
-    def add_step(self, step: int, loss: float, epoch: int) -> None:
+    def add_step(self, step: int, loss: float, epoch: int, total: int = 0) -> None:
+        self.total_steps = max(self.total_steps, int(total or 0))
         self.steps.append(step)
         self.losses.append(loss)
         if epoch > 0:
@@ -115,6 +117,7 @@ class LivePlot(QWidget):
         lim = padded_limits(self.val_pcc, PCC_MIN_SPAN)
         if lim is not None:
             ax2.set_ylim(max(-1.0, lim[0]), min(1.0, lim[1]))
+        ax.set_xlim(0, max(2, self.total_steps, *(self.steps or [0])))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(5))
         ax2.yaxis.set_major_locator(MaxNLocator(5))

@@ -30,7 +30,7 @@ class TrainRunPanel(QWidget):
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         v.addWidget(self.progress_bar)
-        self.status = wrap_label("Load measured spots for the open slide, then press Train.", lines=3)
+        self.status = wrap_label("Load measured spots for the open slide, then press Train.", lines=4)
         v.addWidget(self.status)
 
     def busy(self) -> None:
