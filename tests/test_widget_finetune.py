@@ -196,7 +196,7 @@ def test_finetune_save_and_use_for_prediction(make_napari_viewer, qtbot, start_m
 
 
 def test_cancel_in_first_epoch_keeps_nothing(make_napari_viewer, qtbot, start_model, tmp_path, monkeypatch):
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-m2ort", "her2st_c2")
     widget = _dock(viewer, start_model)
     _train_region(viewer)
@@ -212,9 +212,11 @@ def test_cancel_in_first_epoch_keeps_nothing(make_napari_viewer, qtbot, start_mo
     # a half-updated model is never offered
     assert widget.result is None
     assert not widget.save_btn.isEnabled() and not widget.use_btn.isEnabled()
+    assert widget.progress_bar.value() < widget.progress_bar.maximum()  # not shown as complete
     assert widget.status.text() == (
         "Cancelled in epoch 1: no epoch finished, the starting weights are kept; nothing to save."
     )
+    _shot(viewer, "h13_cancel_in_epoch1.png")
     assert widget.save(tmp_path / "half.safetensors") is None and not (tmp_path / "half.safetensors").exists()
     assert widget.train_btn.isEnabled()
 
@@ -222,7 +224,7 @@ def test_cancel_in_first_epoch_keeps_nothing(make_napari_viewer, qtbot, start_mo
 def test_cancel_keeps_best_epoch(make_napari_viewer, qtbot, start_model, tmp_path, monkeypatch):
     from napari_m2ort.model.weights import load_checkpoint
 
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     viewer.open_sample("napari-m2ort", "her2st_c2")
     widget = _dock(viewer, start_model)
     _train_region(viewer)
@@ -239,6 +241,7 @@ def test_cancel_keeps_best_epoch(make_napari_viewer, qtbot, start_model, tmp_pat
     pcc = res.best_metrics["pcc_gene_mean"]
     assert widget.status.text().startswith(f"Cancelled in epoch 2: kept epoch 1 (validation PCC-gene {pcc:.3f})")
     assert len(res.card.genes) == 30
+    _shot(viewer, "h13_cancel_in_epoch2.png")
     path = widget.save(tmp_path / "partial.safetensors")
     _, card = load_checkpoint(path)
     tune = card.metrics["fine_tune"]

@@ -10,6 +10,7 @@ def test_core_and_state_modules_do_not_import_qt():
     code = (
         "import sys\n"
         "import napari_m2ort.compare, napari_m2ort.raster, napari_m2ort.widgets.state, napari_m2ort.widgets._models\n"
+        "import napari_m2ort.widgets._tuned_card\n"
         "qt = sorted(m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6'))\n"
         "assert not qt, qt\n"
     )
@@ -57,3 +58,38 @@ def test_model_catalogue_memory_models(tmp_path):
         cat.load("memory:gone")
     with pytest.raises(M2ORTError):
         cat.add_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_tuned_card_describes_its_own_training_only():
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from napari_m2ort.model.weights import ModelCard
+    from napari_m2ort.widgets._tuned_card import describe_training, kept_epoch_words
+
+    # what pipelines.model_for_training hands over today: the parent's notes and date kept
+    card = ModelCard(
+        variant="m2ort_small", genes=["A", "B"], mpp=0.69, training_data="fine-tuned from bundled on C3",
+        notes="Held-out metrics: leave-one-section-out CV over sections C2-C5.", created="2026-11-22T02:18:04+00:00",
+        metrics={"validation": {"pcc_gene_mean": 0.31, "per_section": {"C3:val": {"pcc_gene_mean": 0.31, "n_spots": 40}}},
+                 "best_epoch": 2, "train_config": {"mode": "head", "lr": 1e-4, "batch_size": 16},
+                 "fit": {"per_section": {"C3:train": {"pcc_gene_mean": 0.5, "pcc_spot_mean": 0.9, "n_spots": 150}}}},
+    )  # fmt: skip
+    history = [{"epoch": 1, "train_loss": 0.6, "val": {"pcc_gene_mean": 0.2}}, {"epoch": 2, "train_loss": 0.5}]
+    result = SimpleNamespace(card=card, history=history, best_epoch=2, best_metrics=card.metrics["validation"],
+                             fit={}, epochs_done=2, stopped=True)  # fmt: skip
+    assert kept_epoch_words(result) == "kept epoch 2 (validation PCC-gene 0.310)"
+    now = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.timezone.utc)
+    section = SimpleNamespace(name="C3", n_spots=190)
+    out = describe_training(result, started_from="M2ORT-S bundled", sections=[section], val="blocks",
+                            epochs_planned=5, now=now)  # fmt: skip
+    assert out is not card and "leave-one-section-out" in card.notes  # the input is left alone
+    assert "CV" not in out.notes and "leave-one" not in out.notes
+    assert out.created == "2026-11-30T10:00:00+00:00"
+    tune = out.metrics["fine_tune"]
+    assert tune["sections"] == {"C3": 190} and tune["epochs_done"] == 2 and tune["epochs_planned"] == 5
+    assert tune["stopped"] and tune["best_epoch"] == 2 and tune["started_from"] == "M2ORT-S bundled"
+    assert [h["val_pcc_gene"] for h in tune["history"]] == [0.2, None]
+    for words in ("starting from M2ORT-S bundled", "C3 (190 spots)", "2 of 5 epoch(s) (cancelled)", "kept epoch 2",
+                  "C3:val 0.310 (40 spots)", "C3:train PCC-gene 0.500, PCC-spot 0.900 (150 spots)"):  # fmt: skip
+        assert words in out.notes, out.notes

@@ -270,6 +270,7 @@ class FinetuneWidget(QWidget):
     def _on_failed(self, exc: BaseException) -> None:
         self.last_error = str(exc)
         self.status.setText(f"⚠ {exc}")
+        self.run_panel.halt()
 
     # ================================================================== training
     def _sections_in_regions(self, sections: list) -> list:
@@ -396,7 +397,10 @@ class FinetuneWidget(QWidget):
 
     def _on_trained(self, result) -> None:
         seconds = time.perf_counter() - self._t0
-        self.run_panel.complete()
+        if result is not None and not result.stopped:
+            self.run_panel.complete()
+        else:
+            self.run_panel.halt()  # a cancelled run's bar stays where it stopped
         request, started_from = self._run or (None, "the starting model")
         if result is None:
             self.status.setText("Cancelled while sampling patches: the starting model is unchanged; nothing to save.")

@@ -40,6 +40,12 @@ class TrainRunPanel(QWidget):
         self.progress_bar.setRange(0, max(1, total))
         self.progress_bar.setValue(done)
 
+    def halt(self) -> None:
+        """Stopped early: the bar keeps what was done (no busy animation left running)."""
+        if self.progress_bar.maximum() == 0:
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(0)
+
     def complete(self) -> None:
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)
