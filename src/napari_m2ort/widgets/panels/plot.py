@@ -117,7 +117,8 @@ class LivePlot(QWidget):
         lim = padded_limits(self.val_pcc, PCC_MIN_SPAN)
         if lim is not None:
             ax2.set_ylim(max(-1.0, lim[0]), min(1.0, lim[1]))
-        ax.set_xlim(0, max(2, self.total_steps, *(self.steps or [0])))
+        right = max(2, self.total_steps, *(self.steps or [0]))
+        ax.set_xlim(0, right + max(0.3, 0.03 * right))  # markers at the last step stay whole
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(5))
         ax2.yaxis.set_major_locator(MaxNLocator(5))
