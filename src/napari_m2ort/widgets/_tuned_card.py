@@ -109,10 +109,15 @@ def describe_training(
         + (f", mode {cfg.get('mode')}, lr {cfg.get('lr'):g}, batch {cfg.get('batch_size')}" if cfg else "")
         + (f"; {kept_epoch_words(result)}" if kept_epoch_words(result) else "")
         + ".",
-        f"Validation on {validation_words(val)}: PCC-gene {_pcc((validation or {}).get('pcc_gene_mean'))}"
-        + (f" (mean over sections: {per_section_words(validation)})" if validation else "")
+        (
+            f"Validation on {validation_words(val)}: PCC-gene {_pcc(validation.get('pcc_gene_mean'))}"
+            f" (mean over sections: {per_section_words(validation)})."
+            if validation
+            else "Validation: none (no spots were held out; the fit below is not an accuracy)."
+        ),
+        "Fit on the training spots: "
+        + (fit_table(fit) or ("not measured (training was cancelled)" if result.stopped else "not measured"))
         + ".",
-        "Fit on the training spots: " + (fit_table(fit) or "not measured (training was cancelled)") + ".",
         "These numbers describe this fine-tune only; the starting model's own evaluation is not carried over.",
     ]
     card.notes = "\n".join(lines)
