@@ -147,3 +147,38 @@ def test_predict_slide_small_region_of_the_sample():
         assert with_tta.uncertainty is not None and with_tta.uncertainty.shape == (n, 250)
     finally:
         slide.close()
+
+
+def test_memory_spec_for_widgets():
+    """A fine-tuned model handed around as a "memory:<key>" string (the widgets store
+    specs as strings) resolves like the pair itself, for prediction and training."""
+    import gc
+
+    class Section:
+        name = "S1"
+
+    model, card = P.model_for_training("m2ort_small", [Section()], genes="A,B")
+    spec = P.remember_model(model, card)
+    assert spec.startswith("memory:") and P.resolve_model(spec)[0] is model
+    assert P.read_model_card(spec) is card and P.checkpoint_path(spec) is None
+    tuned, tuned_card = P.model_for_training(spec, [Section()], genes="model")
+    assert tuned is not model and tuned_card.training_data.endswith("on S1")
+    del model, tuned
+    gc.collect()
+    with pytest.raises(M2ORTError, match="no longer available"):
+        P.resolve_model(spec)
+
+
+def test_checks_and_size_estimate():
+    from napari_m2ort.pipelines import checks
+
+    # a 1 µm pitch over 10 x 10 mm: estimated, never laid out
+    n = P.estimate_spots((10_000.0, 10_000.0), [(0, 0, 10_000, 10_000)], "custom", 1.0, 1.0)
+    assert 1e8 <= n <= 1.01e8
+    with pytest.raises(M2ORTError, match="above the limit"):
+        checks.check_size(n)
+    assert "large job" in checks.check_size(200_000)
+    assert checks.check_size(500) is None
+    with pytest.raises(M2ORTError, match="above the limit of 10 spots"):
+        P.spots_for_slide(_Slide(), max_spots=10)
+    assert P.trained_on(type("C", (), {"training_data": "C2, C3, C4, C5, B4"})(), ["C2", "A1", "B4"]) == ["C2", "B4"]

@@ -11,6 +11,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 
 from .errors import M2ORTError
 
@@ -124,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles (1-100)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
-    p = command("predict", "predict expression at the spots of a slide into .h5ad or .csv")
+    p = command("predict", "predict expression at the spots of a slide into .h5ad, .csv or .zarr")
     p.add_argument("slide", help="the slide file")
-    p.add_argument("--out", required=True, help="output file: .h5ad (AnnData) or .csv")
+    p.add_argument("--out", required=True, help="output file: .h5ad (AnnData), .csv or .zarr (SpatialData)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_predict_opts(p)
 
@@ -273,7 +274,13 @@ def cmd_predict(args) -> int:
 
     out = check_prediction_output(args.out, args.overwrite)
     checks.predict_request(_predict_request(args, args.slide))  # every number, before opening anything
-    slide = open_slide(args.slide, mpp=args.mpp)
+    slide = open_slide(args.slide, mpp=args.mpp, quiet=True)
+    if slide.mpp_source == "default":  # said once, here, in the command's own words
+        warnings.warn(
+            f"{args.slide} has no pixel size in its metadata: assuming {slide.mpp:g} µm/px. "
+            "Predictions are only meaningful at the right scale: pass --mpp if that is wrong.",
+            stacklevel=1,
+        )
     try:
         request = _predict_request(args, slide)
         plan = _run(plan_slide(request))

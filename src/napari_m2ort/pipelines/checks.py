@@ -25,8 +25,7 @@ VIEWS_PER_S = {"cpu": 40.0, "mps": 200.0, "cuda": 1500.0}
 #: Memory per spot besides its values: centre, id, flags, patch bookkeeping.
 BYTES_PER_SPOT = 400
 
-#: File types each output accepts.
-PREDICTION_SUFFIXES = (".h5ad", ".csv")
+#: File types each output accepts (predictions: ``io.export.OUTPUT_SUFFIXES``).
 METRICS_SUFFIXES = (".json",)
 SLIDE_SUFFIXES = (".tif", ".tiff")
 
@@ -122,7 +121,7 @@ def max_spots(value) -> int:
 # ---------------------------------------------------------------- outputs
 
 
-def output_file(path, suffixes=PREDICTION_SUFFIXES, overwrite: bool = False, what: str = "output") -> Path:
+def output_file(path, suffixes=METRICS_SUFFIXES, overwrite: bool = False, what: str = "output") -> Path:
     """The output file, checked before the work: supported type, not a folder, the
     existing-file policy (refused unless ``overwrite``), and a writable folder."""
     if path is None or not str(os.fspath(path)).strip():

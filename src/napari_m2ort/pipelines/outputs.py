@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import M2ORTError
-from .checks import PREDICTION_SUFFIXES, output_file
 
 SMOOTHED_NOTE = (
     "Values are smoothed: a Gaussian of sigma {s:g} µm over neighbouring predicted spots "
@@ -25,35 +24,24 @@ SMOOTHED_NOTE = (
 
 
 def prediction_suffixes() -> tuple[str, ...]:
-    """File types a prediction can be written as (.zarr once SpatialData export exists)."""
-    return PREDICTION_SUFFIXES + ((".zarr",) if _spatialdata_writer() is not None else ())
+    """File types a prediction can be written as (``io.export.OUTPUT_SUFFIXES``)."""
+    from ..io.export import OUTPUT_SUFFIXES
 
-
-def _spatialdata_writer():
-    try:
-        from ..io import spatialdata
-    except ImportError:
-        return None
-    return getattr(spatialdata, "write_spatialdata", None)
+    return tuple(OUTPUT_SUFFIXES)
 
 
 def prediction_anndata(result):
-    """AnnData of a ``SlidePrediction`` (done spots only)."""
+    """AnnData of a ``SlidePrediction`` (done spots only): ``io.export.prediction_to_anndata``
+    with the spot flags, plus the inference options and rules in ``uns["m2ort"]``."""
     from ..io.export import prediction_to_anndata
 
     pred = result.prediction
     if pred is None:
         raise M2ORTError("Nothing was predicted: every spot of the region was predicted before.")
+    pred.flags = result.flags  # read by prediction_to_anndata into obs["flag"]
     adata = prediction_to_anndata(pred, result.card, result.slide, result.spots)
-    done = np.asarray(pred.done, dtype=bool)
     info = dict(getattr(pred, "info", {}) or {})
     tta, smooth_um = str(info.get("tta", "none")), float(info.get("smooth_um", 0.0) or 0.0)
-    if "flag" not in adata.obs:
-        adata.obs["flag"] = np.asarray(result.flags, dtype=object)[done].astype(str)
-    if pred.uncertainty is not None and "uncertainty" not in adata.layers:
-        unc = np.asarray(pred.uncertainty, dtype=np.float32)[done]
-        adata.layers["uncertainty"] = unc
-        adata.obs["uncertainty"] = unc.mean(axis=1)
     meta = dict(adata.uns.get("m2ort", {}))
     meta.setdefault("target", getattr(result.card, "target", ""))
     meta.setdefault("library_id", next(iter(adata.uns.get("spatial", {"": None}))))
@@ -83,22 +71,19 @@ def _flag_rule() -> str:
 
 
 def check_prediction_output(path, overwrite: bool = False) -> Path:
-    """The output path of a prediction, checked before any work."""
-    return output_file(path, prediction_suffixes(), overwrite, what="prediction output")
+    """The output path of a prediction, checked before any work (``io.export``'s rules:
+    .h5ad, .csv or a SpatialData .zarr; not a folder; existing only with ``overwrite``)."""
+    from ..io.export import check_output_path
+
+    return check_output_path(path, overwrite=overwrite)
 
 
 def write_prediction(result, path, overwrite: bool = True) -> Path:
     """Write a ``SlidePrediction`` (or an AnnData of one) by the file's extension."""
-    from ..io.export import write_csv, write_h5ad
+    from ..io.export import write_prediction as write
 
-    path = check_prediction_output(path, overwrite)
     adata = result if hasattr(result, "obs") else prediction_anndata(result)
-    name = path.name.lower()
-    if name.endswith(".csv"):
-        return write_csv(adata, path)
-    if name.endswith(".zarr"):
-        return _spatialdata_writer()(adata, path)
-    return write_h5ad(adata, path)
+    return write(adata, path, overwrite=overwrite, slide=getattr(result, "slide", None))
 
 
 def write_json(path, data: dict) -> Path:
