@@ -111,3 +111,19 @@ def test_generic_tiff_under_a_vendor_name_stays_with_tifffile(shared_data, tmp_p
     fake.write_bytes((shared_data / "slide_fixtures" / "boxes.tiff").read_bytes())
     with open_slide(fake, quiet=True) as slide:
         assert slide.format == "tiff"
+
+
+def test_pickled_slide_keeps_the_backend_it_was_opened_with(shared_data):
+    """Dask workers unpickle slides: one opened with backend="openslide" must not come
+    back through format detection (which gives SVS to tifffile)."""
+    path = shared_data / "slide_fixtures" / "small.svs"
+    with open_slide(path, backend="openslide", memory_budget=2**30) as slide:
+        again = pickle.loads(pickle.dumps(slide))
+        try:
+            assert again.format == "openslide-aperio"
+            assert again.backend == "openslide" and again.decode_budget == 2**30
+            np.testing.assert_array_equal(again.read_region(0, 0, 16, 16), slide.read_region(0, 0, 16, 16))
+        finally:
+            again.close()
+    with open_slide(path) as detected, pickle.loads(pickle.dumps(detected)) as again:
+        assert again.format == "svs" and again.backend is None

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_MPP",
     "FLAT_SUFFIXES",
     "LEVEL_TOLERANCE",
+    "MPP_RANGE",
     "OME_SUFFIXES",
     "RGBSpec",
     "SlideLike",
@@ -245,6 +246,11 @@ def bit_ceiling(a: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------ µm/px
+
+#: µm/px a slide's metadata may believably state (0.01 to 20): a value outside it is a
+#: software default (72 dpi = 352.8 µm/px), not a microscope calibration, and counts as
+#: no metadata. Applies to TIFF tags, OpenSlide's and DICOM's pixel spacing alike.
+MPP_RANGE = (0.01, 20.0)
 
 
 def validate_mpp(value: Any, where: str) -> float:

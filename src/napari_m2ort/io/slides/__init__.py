@@ -46,9 +46,6 @@ __all__ = [
     "open_slide",
 ]
 
-# The old private name, until distributed.py (which now imports display_name) is committed.
-_display_name = display_name
-
 _BACKENDS: dict[str, Callable[[Path, float | None], Slide]] = {
     "tiff": open_tiff,
     "flat": open_flat,
@@ -97,6 +94,7 @@ def open_slide(
     with budget_scope(memory_budget):
         slide = opener(path, mpp)
     slide.decode_budget = memory_budget
+    slide.backend = backend
     if slide.mpp_source == "default" and not quiet:
         warnings.warn(
             f"'{path}' has no pixel-size metadata; assuming {DEFAULT_MPP} µm/px. If that "

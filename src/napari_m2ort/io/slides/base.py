@@ -1,6 +1,6 @@
 """The file-backed slide every format family returns, and what the families share.
 
-A format module (tiff.py, flat.py; OpenSlide and DICOM later) turns a file into a list of
+A format module (tiff.py, flat.py, openslide_backend.py, dicom.py) turns a file into a list of
 pyramid levels (dask arrays for napari) plus one direct reader per level (numpy-style
 ``__getitem__`` returning (h, w, 3) uint8), and hands them to ``Slide``. Everything about
 geometry, region reads, thumbnails, napari layer data and pickling is here, so a new
@@ -36,8 +36,9 @@ class Slide:
 
     Attributes follow ARCHITECTURE.md. ``levels`` are dask arrays for napari and dask
     pipelines; ``read_region`` bypasses dask and reads the file directly.
-    Pickling stores only the path and the user's mpp and re-opens on unpickling, so a
-    Slide can be shipped to dask.distributed workers.
+    Pickling stores only how it was opened (path, the user's mpp, the backend asked
+    for by name, the memory budget) and re-opens on unpickling, so a Slide can be
+    shipped to dask.distributed workers.
     """
 
     def __init__(
@@ -72,6 +73,9 @@ class Slide:
         self._verify = verify
         # The memory budget open_slide was given, so a re-opened (unpickled) slide gets it too.
         self.decode_budget: int | None = None
+        # The backend open_slide was told to use (None: detected), so a re-opened slide
+        # is read by the same library, not whichever detection would pick.
+        self.backend: str | None = None
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -148,12 +152,23 @@ class Slide:
         self.close()
 
     def __getstate__(self) -> dict:
-        return {"path": str(self.path), "mpp": self._mpp_override, "budget": self.decode_budget}
+        return {
+            "path": str(self.path),
+            "mpp": self._mpp_override,
+            "budget": self.decode_budget,
+            "backend": self.backend,
+        }
 
     def __setstate__(self, state: dict) -> None:
         from napari_m2ort.io.slides import open_slide
 
-        fresh = open_slide(state["path"], state["mpp"], quiet=True, memory_budget=state.get("budget"))
+        fresh = open_slide(
+            state["path"],
+            state["mpp"],
+            quiet=True,
+            backend=state.get("backend"),
+            memory_budget=state.get("budget"),
+        )
         self.__dict__.update(fresh.__dict__)
 
     def __repr__(self) -> str:

@@ -8,18 +8,15 @@ level's Pixel Spacing (mm), which every WSI instance must carry.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from napari_m2ort.errors import M2ORTError
-from napari_m2ort.io.slides.base import Slide, decode_error, plausible
-from napari_m2ort.io.slides.pyramid import extend_pyramid
-from napari_m2ort.io.slides.regions import RegionLevel, lazy_level
-from napari_m2ort.io.slides.tiff import _TIFF_MPP_RANGE
-from napari_m2ort.slide import resolve_mpp, to_rgb8
+from napari_m2ort.io.slides.base import Slide, plausible
+from napari_m2ort.io.slides.regions import LevelReader, RegionLevel, RegionSource, tiled_slide
+from napari_m2ort.slide import MPP_RANGE, to_rgb8
 
 __all__ = ["dicom_folder", "is_dicom", "open_dicom"]
 
@@ -67,51 +64,14 @@ def _import_wsidicom(path: Path) -> Any:
     return wsidicom
 
 
-class _DicomSource:
-    """The open WsiDicom; re-opens after ``close`` and pickles as its folder."""
+class _DicomSource(RegionSource):
+    """The open WsiDicom of a folder (see ``RegionSource``)."""
 
-    def __init__(self, folder: Path, wsi: Any = None) -> None:
-        self.folder = folder
-        self._lock = threading.Lock()
-        self._wsi = wsi
+    def open(self) -> Any:
+        return _import_wsidicom(self.path).WsiDicom.open(self.path)
 
-    def wsi(self) -> Any:
-        wsi = self._wsi
-        if wsi is not None:
-            return wsi
-        with self._lock:
-            if self._wsi is None:
-                self._wsi = _import_wsidicom(self.folder).WsiDicom.open(self.folder)
-            return self._wsi
-
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """(height, width, 3) uint8 at pixel (x, y) of pyramid level number ``level``."""
-        try:
-            image = self.wsi().read_region((x, y), level, (width, height))
-            return to_rgb8(np.asarray(image))
-        except M2ORTError:
-            raise
-        except Exception as exc:
-            raise decode_error(self.folder, f"level {level}", exc) from exc
-
-    def close(self) -> None:
-        with self._lock:
-            if self._wsi is not None:
-                self._wsi.close()
-                self._wsi = None
-
-    def __reduce__(self):
-        return (_DicomSource, (self.folder,))
-
-
-class _LevelReader:
-    """A picklable ``ReadRegion`` for one level."""
-
-    def __init__(self, source: _DicomSource, level: int) -> None:
-        self.source, self.level = source, level
-
-    def __call__(self, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self.source.read(self.level, x, y, width, height)
+    def read_with(self, handle: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return to_rgb8(np.asarray(handle.read_region((x, y), level, (width, height))))
 
 
 def open_dicom(path: Path, user_mpp: float | None) -> Slide:
@@ -131,30 +91,20 @@ def open_dicom(path: Path, user_mpp: float | None) -> Slide:
         pyramid = list(wsi.levels)
         if not pyramid:
             raise M2ORTError(f"'{folder}' holds DICOM files but no whole-slide pyramid level.")
-        views = [RegionLevel(_LevelReader(source, lv.level), lv.size.height, lv.size.width) for lv in pyramid]
+        views = [RegionLevel(LevelReader(source, lv.level), lv.size.height, lv.size.width) for lv in pyramid]
         smallest = views[-1]
         smallest[: min(smallest.shape[0], 256), : min(smallest.shape[1], 256)]
         meta_mpp = _dicom_mpp(pyramid[0])
     except Exception:
         source.close()
         raise
-    token = _folder_token(wsi, folder)
-    levels = [
-        lazy_level(v, (lv.tile_size.height, lv.tile_size.width), f"m2ort-dicom-{token}-{i}")
-        for i, (v, lv) in enumerate(zip(views, pyramid))
-    ]
-    readers: list[Any] = list(views)
-    native = len(levels)
-    extend_pyramid(levels, readers)
-    mpp, mpp_source = resolve_mpp(user_mpp, meta_mpp)
-    return Slide(
+    return tiled_slide(
         folder,
-        levels,
-        readers,
-        mpp,
-        mpp_source,
-        mpp_override=user_mpp,
-        native_levels=native,
+        views,
+        [(lv.tile_size.height, lv.tile_size.width) for lv in pyramid],
+        f"m2ort-dicom-{_folder_token(wsi, folder)}",
+        user_mpp=user_mpp,
+        meta_mpp=meta_mpp,
         closers=[source.close],
         fmt="dicom",
     )
@@ -167,7 +117,7 @@ def _dicom_mpp(level: Any) -> float | None:
         values = [float(spacing.width) * 1000.0, float(spacing.height) * 1000.0]
     except Exception:  # WsiDicomNoResolutionError, or a malformed value
         return None
-    return plausible(sum(values) / len(values), _TIFF_MPP_RANGE)
+    return plausible(sum(values) / len(values), MPP_RANGE)
 
 
 def _folder_token(wsi: Any, folder: Path) -> str:

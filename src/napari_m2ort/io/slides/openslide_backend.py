@@ -12,18 +12,15 @@ asked for by name (``open_slide(path, backend="openslide")``).
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from napari_m2ort.errors import M2ORTError
-from napari_m2ort.io.slides.base import Slide, decode_error, file_token, plausible
-from napari_m2ort.io.slides.pyramid import extend_pyramid
-from napari_m2ort.io.slides.regions import RegionLevel, lazy_level
-from napari_m2ort.io.slides.tiff import _TIFF_MPP_RANGE
-from napari_m2ort.slide import RGBSpec, resolve_mpp, to_rgb8
+from napari_m2ort.io.slides.base import Slide, file_token, plausible
+from napari_m2ort.io.slides.regions import LevelReader, RegionLevel, RegionSource, tiled_slide
+from napari_m2ort.slide import MPP_RANGE, RGBSpec, to_rgb8
 
 __all__ = ["OPENSLIDE_SUFFIXES", "handles", "open_openslide"]
 
@@ -70,53 +67,17 @@ def _import_openslide(path: Path) -> Any:
     return openslide
 
 
-class _OpenSlideSource:
-    """The open OpenSlide handle; re-opens after ``close`` and pickles as its path, so
-    dask graphs built on it survive ``Slide.close`` and can travel to other processes."""
+class _OpenSlideSource(RegionSource):
+    """The open OpenSlide handle (see ``RegionSource``)."""
 
-    def __init__(self, path: Path, handle: Any = None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._handle = handle
+    def open(self) -> Any:
+        return _import_openslide(self.path).OpenSlide(str(self.path))
 
-    def handle(self) -> Any:
-        handle = self._handle
-        if handle is not None:
-            return handle
-        with self._lock:
-            if self._handle is None:
-                self._handle = _import_openslide(self.path).OpenSlide(str(self.path))
-            return self._handle
-
-    def read(self, level: int, downsample: float, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """(height, width, 3) uint8 of ``level`` at level pixel (x, y)."""
-        try:
-            # OpenSlide places regions in level-0 pixels.
-            image = self.handle().read_region((round(x * downsample), round(y * downsample)), level, (width, height))
-            return to_rgb8(np.asarray(image), _RGBA)
-        except M2ORTError:
-            raise
-        except Exception as exc:
-            raise decode_error(self.path, f"level {level}", exc) from exc
-
-    def close(self) -> None:
-        with self._lock:
-            if self._handle is not None:
-                self._handle.close()
-                self._handle = None
-
-    def __reduce__(self):
-        return (_OpenSlideSource, (self.path,))
-
-
-class _LevelReader:
-    """A picklable ``ReadRegion`` for one level (a lambda would not pickle)."""
-
-    def __init__(self, source: _OpenSlideSource, level: int, downsample: float) -> None:
-        self.source, self.level, self.downsample = source, level, downsample
-
-    def __call__(self, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self.source.read(self.level, self.downsample, x, y, width, height)
+    def read_with(self, handle: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        # OpenSlide places regions in level-0 pixels.
+        downsample = handle.level_downsamples[level]
+        image = handle.read_region((round(x * downsample), round(y * downsample)), level, (width, height))
+        return to_rgb8(np.asarray(image), _RGBA)
 
 
 def open_openslide(path: Path, user_mpp: float | None) -> Slide:
@@ -140,11 +101,7 @@ def open_openslide(path: Path, user_mpp: float | None) -> Slide:
     source = _OpenSlideSource(path, handle)
     try:
         props = handle.properties
-        downsamples = handle.level_downsamples
-        views = [
-            RegionLevel(_LevelReader(source, i, ds), h, w)
-            for i, ((w, h), ds) in enumerate(zip(handle.level_dimensions, downsamples))
-        ]
+        views = [RegionLevel(LevelReader(source, i), h, w) for i, (w, h) in enumerate(handle.level_dimensions)]
         # Decode now so a damaged file fails at open, not in a viewer thread.
         smallest = views[-1]
         smallest[: min(smallest.shape[0], 256), : min(smallest.shape[1], 256)]
@@ -153,20 +110,13 @@ def open_openslide(path: Path, user_mpp: float | None) -> Slide:
     except Exception:
         source.close()
         raise
-    token = file_token(path)
-    levels = [lazy_level(v, _tile(props, i), f"m2ort-openslide-{token}-{i}") for i, v in enumerate(views)]
-    readers: list[Any] = list(views)
-    native = len(levels)
-    extend_pyramid(levels, readers)
-    mpp, mpp_source = resolve_mpp(user_mpp, meta_mpp)
-    return Slide(
+    return tiled_slide(
         path,
-        levels,
-        readers,
-        mpp,
-        mpp_source,
-        mpp_override=user_mpp,
-        native_levels=native,
+        views,
+        [_tile(props, i) for i in range(len(views))],
+        f"m2ort-openslide-{file_token(path)}",
+        user_mpp=user_mpp,
+        meta_mpp=meta_mpp,
         closers=[source.close],
         fmt=f"openslide-{vendor}",
     )
@@ -193,4 +143,4 @@ def _openslide_mpp(props: Any) -> float | None:
             continue
     if not values:
         return None
-    return plausible(sum(values) / len(values), _TIFF_MPP_RANGE)
+    return plausible(sum(values) / len(values), MPP_RANGE)

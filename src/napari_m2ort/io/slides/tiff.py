@@ -14,16 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 import numpy as np
 
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.io.slides.base import NotASlide, Slide, decode_error, file_token
 from napari_m2ort.io.slides.budget import budget_scope, check_claim, decode_budget
-from napari_m2ort.io.slides.pyramid import CHUNK, extend_pyramid
-from napari_m2ort.io.slides.tiff_mpp import TIFF_MPP_RANGE as _TIFF_MPP_RANGE  # noqa: F401 (dicom, openslide)
+from napari_m2ort.io.slides.regions import tiled_slide
 from napari_m2ort.io.slides.tiff_mpp import tiff_mpp
-from napari_m2ort.slide import RGBSpec, bit_ceiling, resolve_mpp, to_rgb8
+from napari_m2ort.slide import RGBSpec, bit_ceiling, to_rgb8
 
 __all__ = ["is_2d_image", "open_tiff"]
 
@@ -379,33 +377,13 @@ def open_tiff(path: Path, user_mpp: float | None) -> Slide:
             f"'{path}' could not be read as a slide: {exc}. It may be damaged or in an "
             "unsupported TIFF variant; re-export it as OME-TIFF."
         ) from exc
-
-    token = file_token(path)
-    levels = []
-    for i, (view, z) in enumerate(zip(views, arrays)):
-        th, tw = _tile_yx(z, axes)
-        levels.append(
-            da.from_array(
-                view,
-                chunks=_chunks(view.shape, th, tw),
-                name=f"m2ort-tiff-{token}-{i}",
-                asarray=False,
-                fancy=False,
-                meta=np.empty((0, 0, 0), dtype=np.uint8),
-            )
-        )
-    readers: list[Any] = list(views)
-    native = len(levels)
-    extend_pyramid(levels, readers)
-    mpp, mpp_source = resolve_mpp(user_mpp, meta_mpp)
-    return Slide(
+    return tiled_slide(
         path,
-        levels,
-        readers,
-        mpp,
-        mpp_source,
-        mpp_override=user_mpp,
-        native_levels=native,
+        views,
+        [_tile_yx(z, axes) for z in arrays],
+        f"m2ort-tiff-{file_token(path)}",
+        user_mpp=user_mpp,
+        meta_mpp=meta_mpp,
         closers=[source.close],
         fmt="svs" if getattr(tif, "is_svs", False) else ("ome-tiff" if tif.is_ome else "tiff"),
     )
@@ -414,15 +392,6 @@ def open_tiff(path: Path, user_mpp: float | None) -> Slide:
 def _tile_yx(z: Any, axes: str) -> tuple[int, int]:
     chunks = z.chunks
     return int(chunks[axes.index("Y")]), int(chunks[axes.index("X")])
-
-
-def _chunks(shape: Sequence[int], th: int, tw: int) -> tuple[int, int, int]:
-    """Dask chunks aligned to whole tiles, about CHUNK² px each (strips: by area)."""
-    h, w = shape[0], shape[1]
-    cw = min(w, tw * max(1, CHUNK // max(tw, 1)))
-    rows = max(1, (CHUNK * CHUNK) // max(cw, 1) // max(th, 1))
-    ch = min(h, th * rows)
-    return (max(ch, 1), max(cw, 1), 3)
 
 
 def _tiff_spec(keyframe: Any, axes: str, shape: Sequence[int]) -> RGBSpec:

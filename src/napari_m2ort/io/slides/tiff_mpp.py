@@ -14,12 +14,9 @@ from typing import Any
 
 from napari_m2ort.errors import M2ORTError
 from napari_m2ort.io.slides.base import ENV_MPP, plausible
+from napari_m2ort.slide import MPP_RANGE
 
-__all__ = ["TIFF_MPP_RANGE", "UNIT_TO_UM", "tiff_mpp"]
-
-# Resolution tags outside this µm/px range are software defaults (72 dpi = 352.8 µm/px),
-# not microscope calibrations.
-TIFF_MPP_RANGE = (0.01, 20.0)
+__all__ = ["UNIT_TO_UM", "tiff_mpp"]
 
 UNIT_TO_UM = {
     "µm": 1.0,
@@ -48,7 +45,7 @@ def tiff_mpp(path: Path, tif: Any, si: int, keyframe: Any) -> float | None:
     description = getattr(tif.pages[0], "description", "") or ""
     match = re.search(r"\bMPP\s*=\s*([0-9.]+(?:[eE][-+]?\d+)?)", description)
     if match:
-        mpp = plausible(float(match.group(1)), TIFF_MPP_RANGE)
+        mpp = plausible(float(match.group(1)), MPP_RANGE)
         if mpp is not None:
             return mpp
     tags = keyframe.tags
@@ -75,13 +72,13 @@ def tiff_mpp(path: Path, tif: Any, si: int, keyframe: Any) -> float | None:
         return None
     upp = sum(per_px) / len(per_px)  # units per pixel
     if unit == 3:
-        return plausible(upp * 1e4, TIFF_MPP_RANGE)
+        return plausible(upp * 1e4, MPP_RANGE)
     if unit == 2:
-        return plausible(upp * 25400.0, TIFF_MPP_RANGE)
+        return plausible(upp * 25400.0, MPP_RANGE)
     imagej = getattr(tif, "imagej_metadata", None) or {}
     scale = UNIT_TO_UM.get(str(imagej.get("unit", "")).replace("\\u00B5", "µ"))
     if scale is not None:
-        return plausible(upp * scale, TIFF_MPP_RANGE)
+        return plausible(upp * scale, MPP_RANGE)
     return None
 
 
@@ -111,4 +108,4 @@ def _ome_mpp(xml: str, si: int) -> float | None:
             continue
     if not values:
         return None
-    return plausible(sum(values) / len(values), TIFF_MPP_RANGE)
+    return plausible(sum(values) / len(values), MPP_RANGE)
