@@ -56,3 +56,6 @@ def test_second_slide_opens_beside_and_keeps_its_spots(make_napari_viewer, qtbot
     mw = np.asarray([m.data_to_world(p) for p in m.data])[:, -2:]
     assert np.allclose(pw, mw)
     assert pred.metadata["slide"] == second.name
+    gene = widget.current_gene()
+    assert gene and pred.face_color.std(axis=0)[:3].max() > 0.05  # coloured by the gene at once
+    assert widget.contrast_limits() != (0.0, 1.0)

@@ -295,7 +295,7 @@ def show_legend(viewer, text: str) -> None:
         overlay.text = text
         overlay.font_size = 12
         try:
-            overlay.position = "bottom_left"
+            overlay.position = "top_left"
         except Exception:  # pragma: no cover - older napari
             pass
         overlay.visible = bool(text)

@@ -197,16 +197,16 @@ class Display:
         L.color_by(layer, gene, colormap=self.state.colormap, clim=(lo, hi))
         self.state.clim = (lo, hi)
         name = layer.metadata.get("model_name") or "M2ORT"
-        if layer.metadata.get("model_name") and not layer.name.endswith("at measured spots"):
+        if layer.metadata.get("model_name"):
             layer.name = f"{gene} - {name}{layer.metadata.get('name_suffix', '')}"
-        legend = f"{gene} - {name}{self._unit(layer)}"
+        legend = [f"{gene} - {name}", self._unit(layer).strip(" ()")]
         if measured is not None:
-            legend += "; measured spots on the same scale and colour range"
+            legend.append("left: predicted, right: measured; one colour range")
         n_flagged = int((~tissue).sum())
         if n_flagged:
             shown = "shown" if self.state.show_flagged else "hidden"
-            legend += f"; {n_flagged} flagged spots (glass/off-slide) {shown}, not in the range"
-        L.show_legend(self.viewer, legend)
+            legend.append(f"{n_flagged} flagged spots (glass, off-slide) {shown}, not in the range")
+        L.show_legend(self.viewer, "\n".join(line for line in legend if line))
         self.update_heatmap()
         if self.on_changed is not None:
             self.on_changed()

@@ -29,7 +29,7 @@ from .. import _layers as L
 from .._qt import wrap_label
 from .compare import set_measured_values
 
-COLUMNS = ("Gene", "PCC", "Mean measured", "Mean predicted")
+COLUMNS = ("Gene", "PCC", "Measured", "Predicted")  # the last two: means over the spots
 
 
 class _NumberItem(QTableWidgetItem):
@@ -60,6 +60,8 @@ class MeasuredPanel(QGroupBox):
         v.addWidget(self.summary_label)
         self.gene_table = QTableWidget(0, len(COLUMNS))
         self.gene_table.setHorizontalHeaderLabels(COLUMNS)
+        self.gene_table.horizontalHeaderItem(2).setToolTip("Mean measured value (log1p CPM over the model's panel)")
+        self.gene_table.horizontalHeaderItem(3).setToolTip("Mean predicted value")
         self.gene_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.gene_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.gene_table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -247,7 +249,8 @@ class AtMeasured:
         )
         self.panel.show_result(res, name)
         w.status.setText(f"{len(res.spot_ids)} measured spots predicted and scored.")
-        w.display.layer = layer
+        w.display.layer = layer  # (may be set already: it became the active layer when added)
+        w.renderer.refresh()
         gene = w.display.gene if w.display.gene in res.genes else None
         self._gene_changed(gene or w.current_gene())
 
@@ -261,6 +264,7 @@ class AtMeasured:
             slide_name, colormap=w.display.colormap, name=f"{name} at measured spots", pitch_um=pitch,
         )  # fmt: skip
         layer.metadata["model_name"] = name
+        layer.metadata["name_suffix"] = " at measured spots"
         L.append_spots(
             layer, res.centers_um[:, ::-1], res.pred, res.spot_ids, float(layer.metadata["spot_diameter_um"]), None
         )
