@@ -142,9 +142,8 @@ def _run(out: Path, gene: str, n_spots: int, device: str, model: str) -> int:
         widget.layout_combo.setCurrentIndex(widget.layout_combo.findData("visium"))
         widget.tissue_check.setChecked(True)
         slide_layer = widget.slide_layer()
-        for layer in viewer.layers:  # the measured spots would hide the predicted ones
-            if layer.unique_id != slide_layer.unique_id:
-                layer.visible = False
+        for layer in [x for x in viewer.layers if x.unique_id != slide_layer.unique_id]:
+            viewer.layers.remove(layer)  # the measured spots would hide the predicted ones
         x0, y0, x1, y1 = tissue_rich_region(slide_layer, n_spots)
         shapes = widget.add_regions_layer()
         shapes.add_rectangles(np.array([[y0, x0], [y1, x1]]))
