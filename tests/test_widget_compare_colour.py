@@ -42,7 +42,7 @@ def _wait(qtbot, widget):
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
 
 
-def test_glass_spots_hidden_and_out_of_the_colour_range(make_napari_viewer, qtbot):
+def test_glass_spots_hidden_and_out_of_the_colour_range(make_napari_viewer, qtbot, tmp_path):
     from napari_m2ort.raster import value_range
     from napari_m2ort.widgets import _layers as L
 
@@ -71,6 +71,19 @@ def test_glass_spots_hidden_and_out_of_the_colour_range(make_napari_viewer, qtbo
     widget.flagged_check.setChecked(True)
     assert np.asarray(layer.shown).all()
     assert widget.contrast_limits() == pytest.approx(value_range(values[ok]), abs=1e-6)  # range unchanged
+    # the hover names a flagged spot's flag; the export carries every flag in obs["flag"]
+    from types import SimpleNamespace
+
+    k = int(np.flatnonzero(~ok)[0])
+    event = SimpleNamespace(
+        position=tuple(layer.data_to_world(layer.data[k])), view_direction=None, dims_displayed=[0, 1]
+    )
+    widget._on_hover(layer, event)
+    assert f"flagged {flags[k]}" in widget.hover_label.text()
+    import anndata as ad
+
+    adata = ad.read_h5ad(widget.export_h5ad(tmp_path / "flags.h5ad"))
+    assert list(adata.obs["flag"]) == list(flags)
     widget.flagged_check.setChecked(False)
     qtbot.wait(200)
     viewer.window._qt_window.grab().save("/tmp/h12_flagged.png")
@@ -120,3 +133,26 @@ def test_somewhat_coarser_slide_warned(make_napari_viewer, qtbot, errors, warnin
     assert widget.last_error is None, widget.last_error
     assert any("coarser" in m and "1.2" in m for m in warnings_shown)
     assert not errors
+
+
+def test_fine_tuned_model_named_in_layer_and_legend(make_napari_viewer, qtbot):
+    """A model handed over by the fine-tuning widget is named by its own training."""
+    from napari_m2ort.pipelines import resolve_model
+    from napari_m2ort.widgets import _layers as L
+
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-m2ort", "her2st_c2")
+    widget = _dock(viewer)
+    model, card = resolve_model("bundled")
+    card.training_data = "fine-tuned from bundled on C3"
+    card.created = "2026-11-30T08:00:00+00:00"
+    widget.set_model(model, card, "fine-tuned model")
+    shapes = widget.add_regions_layer()
+    shapes.add_rectangles(np.array([[3790.0, 3510.0], [3990.0, 3710.0]]))
+    widget.predict_regions()
+    _wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    layer = widget.predictions_layer()
+    gene = widget.current_gene()
+    assert layer.name == f"{gene} - fine-tuned on C3 (2026-11-30)"
+    assert L._canvas_overlay(viewer, "text").text.startswith(f"{gene} - fine-tuned on C3 (2026-11-30)")

@@ -312,4 +312,7 @@ class Display:
             return
         ids = layer.metadata.get("spot_ids", [])
         sid = ids[idx] if idx < len(ids) else str(idx)
-        self.panel.hover_label.setText(f"{sid}: {gene} = {float(layer.features[gene].iloc[idx]):.3f}")
+        flags = layer.metadata.get("flags", [])
+        flag = str(flags[idx]) if idx < len(flags) else "ok"
+        note = "" if flag == "ok" else f" — flagged {flag}: not a tissue value"
+        self.panel.hover_label.setText(f"{sid}: {gene} = {float(layer.features[gene].iloc[idx]):.3f}{note}")
