@@ -77,6 +77,9 @@ def test_demo_writes_h5ad_and_overlay(tmp_path):
     assert 5 <= adata.n_obs <= 25
     assert np.isfinite(adata.X).all()
     assert "spatial" in adata.obsm and "m2ort" in adata.uns
+    # the structure napari-m2ort predict writes (pipelines.write_prediction)
+    assert "flag" in adata.obs and {"tta", "smooth_um", "output_rule", "library_id"} <= set(adata.uns["m2ort"])
+    assert adata.uns["m2ort"]["library_id"] in adata.uns["spatial"]
     img = np.asarray(Image.open(png).convert("RGB")).astype(float)
     assert img.shape[0] > 300 and img.shape[1] > 300
     assert img.std() > 20  # tissue and spots, not a black frame
