@@ -63,13 +63,13 @@ _DTYPES = {
 }
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from .. import __version__
 
     return __version__
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -95,8 +95,8 @@ class ModelCard:
     training_data: str = ""
     gene_panel_rule: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
-    version: str = field(default_factory=_package_version)
-    created: str = field(default_factory=_now)
+    version: str = field(default_factory=package_version)
+    created: str = field(default_factory=utc_now)
     notes: str = ""
     target_mean: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

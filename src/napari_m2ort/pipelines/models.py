@@ -294,8 +294,15 @@ def model_for_training(
                 card.gene_panel_rule = PANEL_RULES[panel_rule or next(iter(PANEL_RULES))]
         if train_mpp:
             card.mpp, card.fov_um = float(train_mpp), 224 * float(train_mpp)
+        # The card describes this training only: nothing of the parent's own evaluation,
+        # notes or date may pass for the fine-tuned model's.
+        from ..model.weights import package_version, utc_now
+
         card.training_data = f"fine-tuned from {source} on {data_desc}"
         card.metrics = {}
+        card.notes = f"Fine-tuned from {source} ({card.variant}) on {data_desc}."
+        card.created, card.version = utc_now(), package_version()
+        card.extra = {"started_from": source}
         return model, card
     genes = genes if genes and genes != "model" else "top:250"
     panel = resolve_genes(genes, sections, rule=panel_rule)
