@@ -20,16 +20,14 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main():
-    import napari_m2ort  # noqa: F401
     import timm
     import torch
 
+    import napari_m2ort  # noqa: F401
     from napari_m2ort.inference import forward_batch, predict
     from napari_m2ort.io.convert import convert_to_ome_tiff
     from napari_m2ort.io.slides import open_slide
@@ -84,8 +82,18 @@ def main():
     model_rate = reps * len(patches) / (time.perf_counter() - t)
 
     t = time.perf_counter()
-    pred = run_to_end(predict(slide, centers, model, card, device=args.device, batch_size=args.batch_size,
-                              precision=args.precision, compile=args.compile))
+    pred = run_to_end(
+        predict(
+            slide,
+            centers,
+            model,
+            card,
+            device=args.device,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            compile=args.compile,
+        )
+    )
     assert pred.info.get("compiled", False) == args.compile
     e2e = pred.n_done / (time.perf_counter() - t)
     t = time.perf_counter()
@@ -94,10 +102,14 @@ def main():
     sample_rate = len(centers) / (time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mode = args.precision + (f" + compile ({compile_s:.0f} s once)" if args.compile else "")
-    print(f"| slide | spots | batch | precision | model-only spots/s | sampling-only spots/s | end-to-end spots/s | end-to-end / model-only | peak RSS (MB) |")
+    print(
+        "| slide | spots | batch | precision | model-only spots/s | sampling-only spots/s | end-to-end spots/s | end-to-end / model-only | peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {tif.name} ({slide.shape[1]}×{slide.shape[0]}) | {len(centers)} | {args.batch_size} | {mode} | "
-          f"{model_rate:.1f} | {sample_rate:.0f} | {e2e:.1f} | {e2e / model_rate:.2f} | {peak:.0f} |")
+    print(
+        f"| {tif.name} ({slide.shape[1]}×{slide.shape[0]}) | {len(centers)} | {args.batch_size} | {mode} | "
+        f"{model_rate:.1f} | {sample_rate:.0f} | {e2e:.1f} | {e2e / model_rate:.2f} | {peak:.0f} |"
+    )
 
 
 if __name__ == "__main__":

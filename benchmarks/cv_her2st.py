@@ -27,8 +27,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = ["C2", "C3", "C4", "C5"]
 
 
-INFERENCE_GRID = [("none", 0.0), ("none", 100.0), ("none", 150.0), ("none", 200.0),
-                  ("flips", 0.0), ("dihedral", 0.0), ("dihedral", 100.0), ("dihedral", 150.0), ("dihedral", 200.0)]
+INFERENCE_GRID = [
+    ("none", 0.0),
+    ("none", 100.0),
+    ("none", 150.0),
+    ("none", 200.0),
+    ("flips", 0.0),
+    ("dihedral", 0.0),
+    ("dihedral", 100.0),
+    ("dihedral", 150.0),
+    ("dihedral", 200.0),
+]
 
 
 def _summary(m: dict) -> dict:
@@ -71,9 +80,9 @@ def inference_grid(model, section, train_mean, precision="fp32") -> tuple[dict, 
 
 
 def main(argv=None):
-    import napari_m2ort  # noqa: F401
     import torch
 
+    import napari_m2ort  # noqa: F401
     from napari_m2ort.io.st import read_her2st
     from napari_m2ort.progress import run_to_end
     from napari_m2ort.targets import PANEL_RULES, select_panel
@@ -117,8 +126,12 @@ def main(argv=None):
     for fold in args.folds.split(","):
         train_names = [s for s in SECTIONS if s != fold] + [s for s in extra if s != fold]
         genes = list(select_panel([sections[s].adata for s in train_names], n=args.n_genes, rule=args.panel_rule))
-        cached = {s: run_to_end(prepare_section(sections[s], genes, args.mpp, cache_dir=args.cache, allow_missing=(s == fold)))
-                  for s in names}
+        cached = {
+            s: run_to_end(
+                prepare_section(sections[s], genes, args.mpp, cache_dir=args.cache, allow_missing=(s == fold))
+            )
+            for s in names
+        }
         trains, vals = [], []
         for s in train_names:
             m = spatial_block_split(cached[s].centers_um, seed=args.seed)
@@ -141,33 +154,65 @@ def main(argv=None):
                 torch.manual_seed(args.seed)
                 model = build_model(model_name, len(genes), tied_kv=args.tied_kv, drop_path_rate=args.drop_path)
                 card = new_card(model_name, genes, args.mpp, ",".join(train_names), rule=PANEL_RULES[args.panel_rule])
-                cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device="cpu",
-                                  precision=args.precision, seed=args.seed, color_jitter=args.color_jitter,
-                                  schedule=args.schedule, warmup_epochs=args.warmup, weight_decay=args.weight_decay,
-                                  geometry=args.geometry, stain=args.stain, loss=args.loss, depth_k=args.depth_k,
-                                  ema=args.ema)
+                cfg = TrainConfig(
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    device="cpu",
+                    precision=args.precision,
+                    seed=args.seed,
+                    color_jitter=args.color_jitter,
+                    schedule=args.schedule,
+                    warmup_epochs=args.warmup,
+                    weight_decay=args.weight_decay,
+                    geometry=args.geometry,
+                    stain=args.stain,
+                    loss=args.loss,
+                    depth_k=args.depth_k,
+                    ema=args.ema,
+                )
 
-                def report(ev):
+                def report(ev, model_name=model_name, fold=fold):
                     if ev.stage == "epoch":
-                        print(f"[{model_name}{args.tag} {fold}] {ev.message} ({ev.data.get('epoch_seconds', 0):.0f} s)",
-                              flush=True)
+                        print(
+                            f"[{model_name}{args.tag} {fold}] {ev.message} ({ev.data.get('epoch_seconds', 0):.0f} s)",
+                            flush=True,
+                        )
 
                 res = run_to_end(train(model, card, trains, vals, cfg), report)
                 model, history, best_epoch, fit = res.model, res.history, res.best_epoch, res.fit
             metrics = evaluate_cached(model, [cached[fold]], train_mean, "cpu", "fp32")
             grid, unc = inference_grid(model, cached[fold], train_mean) if model_name != "mean" else ({}, {})
             record = {
-                "model": model_name, "tag": args.tag, "fold": fold, "train_sections": train_names, "test_section": fold,
-                "best_epoch": best_epoch, "seconds": round(time.time() - t0, 1),
+                "model": model_name,
+                "tag": args.tag,
+                "fold": fold,
+                "train_sections": train_names,
+                "test_section": fold,
+                "best_epoch": best_epoch,
+                "seconds": round(time.time() - t0, 1),
                 "command": "python benchmarks/cv_her2st.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                "precision": args.precision, "color_jitter": args.color_jitter, "stain": args.stain,
-                "geometry": args.geometry, "loss": args.loss, "depth_k": args.depth_k, "ema": args.ema,
-                "schedule": args.schedule, "warmup_epochs": args.warmup, "weight_decay": args.weight_decay,
-                "tied_kv": args.tied_kv, "drop_path_rate": args.drop_path,
+                "seed": args.seed,
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "batch_size": args.batch_size,
+                "precision": args.precision,
+                "color_jitter": args.color_jitter,
+                "stain": args.stain,
+                "geometry": args.geometry,
+                "loss": args.loss,
+                "depth_k": args.depth_k,
+                "ema": args.ema,
+                "schedule": args.schedule,
+                "warmup_epochs": args.warmup,
+                "weight_decay": args.weight_decay,
+                "tied_kv": args.tied_kv,
+                "drop_path_rate": args.drop_path,
                 "gene_panel": PANEL_RULES[args.panel_rule] + " (on the training sections)",
                 "validation": "held-out spatial blocks of each training section; score = mean over sections "
-                              "of each section's own PCC-gene" if args.tag else "held-out blocks, pooled",
+                "of each section's own PCC-gene"
+                if args.tag
+                else "held-out blocks, pooled",
                 "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "metrics": _summary(metrics),
@@ -180,16 +225,24 @@ def main(argv=None):
             tmp.write_text(json.dumps(record, indent=2, default=float))
             os.replace(tmp, out)
             m = record["metrics"]
-            print(f"== {model_name}{args.tag} {fold}: PCC-gene {m['pcc_gene_mean']:.3f} top50 {m['pcc_gene_top50']:.3f} "
-                  f"markers {m.get('pcc_markers_mean') or 0:.3f} "
-                  f"PCC-spot {m['pcc_spot_mean']:.3f} (mean baseline {m['pcc_spot_mean_baseline']:.3f}) "
-                  f"RMSE {m['rmse_mean']:.3f} [{record['seconds']:.0f} s]", flush=True)
+            print(
+                f"== {model_name}{args.tag} {fold}: PCC-gene {m['pcc_gene_mean']:.3f} top50 {m['pcc_gene_top50']:.3f} "
+                f"markers {m.get('pcc_markers_mean') or 0:.3f} "
+                f"PCC-spot {m['pcc_spot_mean']:.3f} (mean baseline {m['pcc_spot_mean_baseline']:.3f}) "
+                f"RMSE {m['rmse_mean']:.3f} [{record['seconds']:.0f} s]",
+                flush=True,
+            )
             for k, v in grid.items():
-                print(f"   {k:>14}: PCC-gene {v['pcc_gene_mean']:.3f} markers {v.get('pcc_markers_mean') or 0:.3f}",
-                      flush=True)
+                print(
+                    f"   {k:>14}: PCC-gene {v['pcc_gene_mean']:.3f} markers {v.get('pcc_markers_mean') or 0:.3f}",
+                    flush=True,
+                )
             if fit:
-                print("   fit (training spots): " + ", ".join(f"{k} {v['pcc_gene_mean']:.3f}"
-                                                          for k, v in fit["per_section"].items()), flush=True)
+                print(
+                    "   fit (training spots): "
+                    + ", ".join(f"{k} {v['pcc_gene_mean']:.3f}" for k, v in fit["per_section"].items()),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

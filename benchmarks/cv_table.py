@@ -1,7 +1,7 @@
 """Build the cross-validation table from benchmarks/results/cv_*.json.
 
-    python benchmarks/cv_table.py            # print the markdown table
-    python benchmarks/cv_table.py --readme   # also replace it in README.md between markers
+python benchmarks/cv_table.py            # print the markdown table
+python benchmarks/cv_table.py --readme   # also replace it in README.md between markers
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- cv-table:start -->", "<!-- cv-table:end -->"
-LABELS = {"m2ort_small": "M2ORT-S", "resnet18": "ST-Net-style ResNet-18", "densenet121": "ST-Net-style DenseNet-121",
-          "mean": "training-mean predictor"}
+LABELS = {
+    "m2ort_small": "M2ORT-S",
+    "resnet18": "ST-Net-style ResNet-18",
+    "densenet121": "ST-Net-style DenseNet-121",
+    "mean": "training-mean predictor",
+}
 
 
 def load():
@@ -66,22 +70,32 @@ def fmt(v):
 
 def table(rows, with_folds: bool = True) -> str:
     keys = ["pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean", "pcc_spot_mean_baseline", "rmse_mean"]
-    lines = ["| model | training recipe | held-out section | PCC-gene | PCC-gene top-50 | PCC-spot | PCC-spot of mean baseline | RMSE | best epoch | time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | training recipe | held-out section | PCC-gene | PCC-gene top-50 | PCC-spot | PCC-spot of mean baseline | RMSE | best epoch | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict = {}
     for r in sorted(rows, key=lambda r: (r["model"], r["recipe"], r["fold"])):
         m = r["metrics"]
         if with_folds:
-            lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['recipe']} | {r['fold']} | "
-                         + " | ".join(fmt(m.get(k)) for k in keys)
-                         + f" | {r.get('best_epoch', '')} | {r.get('seconds', 0):.0f} |")
+            lines.append(
+                f"| {LABELS.get(r['model'], r['model'])} | {r['recipe']} | {r['fold']} | "
+                + " | ".join(fmt(m.get(k)) for k in keys)
+                + f" | {r.get('best_epoch', '')} | {r.get('seconds', 0):.0f} |"
+            )
         groups.setdefault((r["model"], r["recipe"]), []).append(r)
     for (model, rec), rs in groups.items():
         ms = [r["metrics"] for r in rs]
-        means = [sum(m[k] for m in ms if m.get(k) is not None) / max(1, sum(m.get(k) is not None for m in ms)) for k in keys]
+        means = [
+            sum(m[k] for m in ms if m.get(k) is not None) / max(1, sum(m.get(k) is not None for m in ms)) for k in keys
+        ]
         folds = ",".join(r["fold"] for r in rs)
         where = f"{len(ms)} of 4 folds" if len(ms) == 4 else f"{folds} only"
-        lines.append(f"| **{LABELS.get(model, model)} mean** | {rec} | {where} | " + " | ".join(f"**{v:.3f}**" for v in means) + " | | |")
+        lines.append(
+            f"| **{LABELS.get(model, model)} mean** | {rec} | {where} | "
+            + " | ".join(f"**{v:.3f}**" for v in means)
+            + " | | |"
+        )
     return "\n".join(lines)
 
 
@@ -89,8 +103,10 @@ def tables(rows) -> str:
     full, partial = complete(rows)
     text = table(full)
     if partial:
-        text += ("\n\nAblations run on some folds only (one fold is one held-out section; "
-                 "compare with the same fold above, not with the 4-fold means):\n\n" + table(partial))
+        text += (
+            "\n\nAblations run on some folds only (one fold is one held-out section; "
+            "compare with the same fold above, not with the 4-fold means):\n\n" + table(partial)
+        )
     return text
 
 

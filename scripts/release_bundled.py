@@ -29,11 +29,22 @@ def cv_summary() -> dict:
     for rec in full:
         key = rec["model"] if rec["recipe"] == "–" else f"{rec['model']} ({rec['recipe']})"
         out.setdefault(key, {})[rec["fold"]] = {
-            k: rec["metrics"].get(k) for k in ("pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean",
-                                                 "pcc_spot_mean_baseline", "rmse_mean", "n_spots", "n_genes")}
-    for model, folds in out.items():
+            k: rec["metrics"].get(k)
+            for k in (
+                "pcc_gene_mean",
+                "pcc_gene_top50",
+                "pcc_spot_mean",
+                "pcc_spot_mean_baseline",
+                "rmse_mean",
+                "n_spots",
+                "n_genes",
+            )
+        }
+    for folds in out.values():
         keys = ("pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean", "pcc_spot_mean_baseline", "rmse_mean")
-        folds["mean_over_folds"] = {k: sum(v[k] for v in folds.values() if v.get(k) is not None) / len(folds) for k in keys}
+        folds["mean_over_folds"] = {
+            k: sum(v[k] for v in folds.values() if v.get(k) is not None) / len(folds) for k in keys
+        }
     return out
 
 
@@ -48,12 +59,16 @@ def main(src: str, command: str = "") -> None:
         "train_config": card.metrics.get("train_config"),
         "training_command": command or None,
         "leave_one_section_out_cv_patient_C": cv_summary(),
-        "note": ("held_out_spatial_blocks pools validation blocks of all five sections (section "
-                 "differences inflate PCC-gene); the cross-validation numbers are on whole held-out "
-                 "sections and are the honest estimate."),
+        "note": (
+            "held_out_spatial_blocks pools validation blocks of all five sections (section "
+            "differences inflate PCC-gene); the cross-validation numbers are on whole held-out "
+            "sections and are the honest estimate."
+        ),
     }
-    card.notes = ("Trained with napari-m2ort's CLI; see README 'The bundled model' for the exact command. "
-                  "Held-out metrics: leave-one-section-out CV over sections C2–C5 (benchmarks/results/cv_*.json).")
+    card.notes = (
+        "Trained with napari-m2ort's CLI; see README 'The bundled model' for the exact command. "
+        "Held-out metrics: leave-one-section-out CV over sections C2–C5 (benchmarks/results/cv_*.json)."
+    )
     target = Path(weights.BUNDLED_PATH)
     tmp = target.with_name("release-tmp.safetensors")
     weights.save_checkpoint(model, card, tmp, dtype="float16")

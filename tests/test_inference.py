@@ -46,8 +46,7 @@ def test_stop_keeps_partial_results_and_resume_completes(slide, tiny):
     model, card = tiny
     centers = _centers()
     events = []
-    gen = predict(slide, centers, model, card, device="cpu", batch_size=8,
-                  should_stop=lambda: len(events) >= 1)
+    gen = predict(slide, centers, model, card, device="cpu", batch_size=8, should_stop=lambda: len(events) >= 1)
 
     def on(ev):
         if ev.data.get("indices") is not None:
@@ -76,7 +75,9 @@ def test_bad_input(slide, tiny):
 def test_blank_patches_warn(slide, tiny):
     model, card = tiny
     with pytest.warns(UserWarning, match="no tissue"):
-        pred = run_to_end(predict(slide, np.array([[-1000.0, -1000.0], [6400 * 0.69, 300.0]]), model, card, device="cpu"))
+        pred = run_to_end(
+            predict(slide, np.array([[-1000.0, -1000.0], [6400 * 0.69, 300.0]]), model, card, device="cpu")
+        )
     assert pred.blank[0] and pred.outside[0]
 
 

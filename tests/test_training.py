@@ -70,8 +70,7 @@ def test_stop_keeps_best_checkpoint_and_resume(c2_cached, tmp_path):
             steps.append(ev.data["step"])
 
     # stop in the middle of epoch 2 (2 steps per epoch)
-    res = run_to_end(train(model, card, [tr], [va], cfg, out_path=out,
-                           should_stop=lambda: len(steps) >= 3), on)
+    res = run_to_end(train(model, card, [tr], [va], cfg, out_path=out, should_stop=lambda: len(steps) >= 3), on)
     assert res.stopped and res.epochs_done == 1 and res.best_epoch == 1
     assert out.exists() and not list(tmp_path.glob("*.tmp*"))
     loaded, loaded_card = load_checkpoint(out)
@@ -82,8 +81,17 @@ def test_stop_keeps_best_checkpoint_and_resume(c2_cached, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(loaded(*args).numpy(), res.model.eval()(*args).numpy(), rtol=1e-4, atol=1e-4)
     # resume from the checkpoint for one more epoch
-    res2 = run_to_end(train(loaded, loaded_card, [tr], [va], TrainConfig(epochs=1, batch_size=16, device="cpu"),
-                            out_path=tmp_path / "ft2.safetensors", start_epoch=res.epochs_done))
+    res2 = run_to_end(
+        train(
+            loaded,
+            loaded_card,
+            [tr],
+            [va],
+            TrainConfig(epochs=1, batch_size=16, device="cpu"),
+            out_path=tmp_path / "ft2.safetensors",
+            start_epoch=res.epochs_done,
+        )
+    )
     assert res2.history[0]["epoch"] == 2 and not res2.stopped
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -110,8 +111,12 @@ def predict(
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     t0 = time.perf_counter()
     first_compile = compile and needs_compiling(model, dev, amp, batch_size)
-    yield Progress("predict", 0, n, f"{n} spots on {dev.type}"
-                   + (" (compiling the model first: 20-40 s, once)" if first_compile else ""))
+    yield Progress(
+        "predict",
+        0,
+        n,
+        f"{n} spots on {dev.type}" + (" (compiling the model first: 20-40 s, once)" if first_compile else ""),
+    )
 
     def load(idx):
         return idx, sample_spots(slide, centers_um[idx], card.mpp)
@@ -135,7 +140,10 @@ def predict(
             blank[idx] = patches.blank
             k = int(done.sum())
             yield Progress(
-                "predict", k, n, f"{k}/{n} spots",
+                "predict",
+                k,
+                n,
+                f"{k}/{n} spots",
                 data={"indices": idx, "values": out},
             )
             if should_stop is not None and should_stop():
@@ -154,11 +162,16 @@ def predict(
             stacklevel=2,
         )
     info = {
-        "device": str(dev), "precision": str(amp).replace("torch.", "") if amp else "float32",
-        "batch_size": bs, "seconds": elapsed, "stopped": stopped,
+        "device": str(dev),
+        "precision": str(amp).replace("torch.", "") if amp else "float32",
+        "batch_size": bs,
+        "seconds": elapsed,
+        "stopped": stopped,
         "compiled": _compiled_throughout(forwards),
         "spots_per_s": float(done.sum()) / elapsed if elapsed > 0 else float("nan"),
-        "tta": tta, "smooth_um": smooth_um, "output": OUTPUT_RULE,
+        "tta": tta,
+        "smooth_um": smooth_um,
+        "output": OUTPUT_RULE,
     }
     return Prediction(centers_um, values, done, genes, outside, blank, info, spread)
 

@@ -76,7 +76,12 @@ class CountLoss(torch.nn.Module):
         else:
             theta = torch.exp(self.log_theta.clamp(-6.0, 12.0))[None, :]
             log_t_mu = torch.log(theta + mu)
-            nll = -(torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1.0)
-                    + theta * (torch.log(theta) - log_t_mu) + counts * (log_mu - log_t_mu))
+            nll = -(
+                torch.lgamma(counts + theta)
+                - torch.lgamma(theta)
+                - torch.lgamma(counts + 1.0)
+                + theta * (torch.log(theta) - log_t_mu)
+                + counts * (log_mu - log_t_mu)
+            )
         # per count: a deep spot counts more than a shallow one, but the scale stays O(1)
         return nll.sum() / depth.sum().clamp_min(1.0)

@@ -21,7 +21,7 @@ Conventions (stated because they change the numbers):
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -166,13 +166,15 @@ def evaluate(pred, true, genes: Sequence[str], train_mean=None) -> dict:
         "pcc_markers": markers,
         "pcc_markers_mean": _num(np.mean(marker_vals)) if marker_vals else None,
         "pcc_gene_top50": _num(top.mean()) if top.size else None,
-        "pcc_gene_top50_rule": TOP50_RULE if finite.size >= 50 else
-        f"{TOP50_RULE}; only {finite.size} genes have a defined PCC, so all of them",
+        "pcc_gene_top50_rule": TOP50_RULE
+        if finite.size >= 50
+        else f"{TOP50_RULE}; only {finite.size} genes have a defined PCC, so all of them",
         "pcc_spot_mean": _num(pcc_spot(p, t)),
         "pcc_spot_mean_baseline": base_pcc,
         "rmse_mean": _num(rmse_spot(p, t)),
         "rmse_mean_baseline": base_rmse,
-        "baseline": "prediction = training mean profile for every spot" if train_mean is not None
+        "baseline": "prediction = training mean profile for every spot"
+        if train_mean is not None
         else "not computed: pass train_mean (per-gene mean of the training targets)",
         "n_spots": int(t.shape[0]),
         "n_genes": int(t.shape[1]),

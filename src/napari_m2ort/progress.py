@@ -7,8 +7,9 @@ event to a progress bar, the CLI draws a text bar, tests just run it to the end.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -29,9 +30,7 @@ class Progress:
 Job = Generator[Progress, None, T]
 
 
-def run_to_end(
-    gen: Job, on_progress: Optional[Callable[[Progress], Any]] = None
-) -> Any:
+def run_to_end(gen: Job, on_progress: Optional[Callable[[Progress], Any]] = None) -> Any:
     """Run a job generator synchronously and return what it returns."""
     while True:
         try:
@@ -60,8 +59,7 @@ def text_progress(prefix: str = "", log_stages: tuple = ("epoch",)):
         if state["stage"] != event.stage or bar is None:
             if bar is not None:
                 bar.close()
-            bar = state["bar"] = tqdm(total=event.total, desc=f"{prefix}{event.stage}", leave=True,
-                                      dynamic_ncols=True)
+            bar = state["bar"] = tqdm(total=event.total, desc=f"{prefix}{event.stage}", leave=True, dynamic_ncols=True)
             state["stage"] = event.stage
         if bar.total != event.total:
             bar.total = event.total

@@ -8,8 +8,9 @@ region adds only the spots not predicted yet.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -40,13 +41,13 @@ class Region:
         self.vertices = np.ascontiguousarray(v)
 
     @classmethod
-    def rectangle(cls, x0: float, y0: float, x1: float, y1: float) -> "Region":
+    def rectangle(cls, x0: float, y0: float, x1: float, y1: float) -> Region:
         xa, xb = sorted((float(x0), float(x1)))
         ya, yb = sorted((float(y0), float(y1)))
         return cls(np.array([[xa, ya], [xb, ya], [xb, yb], [xa, yb]], dtype=float))
 
     @classmethod
-    def from_napari_shape(cls, data: np.ndarray) -> "Region":
+    def from_napari_shape(cls, data: np.ndarray) -> Region:
         """napari Shapes data are (row, col) = (y, x) in world units (µm here)."""
         data = np.asarray(data, dtype=float)[:, -2:]
         return cls(data[:, ::-1].copy())
@@ -97,15 +98,22 @@ class SpotLayout:
     def __len__(self) -> int:
         return len(self.centers_um)
 
-    def subset(self, mask: np.ndarray) -> "SpotLayout":
+    def subset(self, mask: np.ndarray) -> SpotLayout:
         return SpotLayout(
-            self.centers_um[mask], self.ids[mask], self.diameter_um, self.pitch_um,
-            self.layout, self.grid, dict(self.info),
+            self.centers_um[mask],
+            self.ids[mask],
+            self.diameter_um,
+            self.pitch_um,
+            self.layout,
+            self.grid,
+            dict(self.info),
         )
 
 
 def layout_params(
-    layout: str, pitch_um: Optional[float] = None, diameter_um: Optional[float] = None,
+    layout: str,
+    pitch_um: Optional[float] = None,
+    diameter_um: Optional[float] = None,
     grid: Optional[str] = None,
 ) -> tuple[str, float, float]:
     layout = layout.lower()

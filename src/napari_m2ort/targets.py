@@ -8,13 +8,21 @@ record exactly how its genes were picked.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["normalize_counts", "select_panel", "panel_indices", "PANEL_RULE", "PANEL_RULES", "TARGET_RULE",
-           "MARKERS", "MARKER_PANEL_RULE"]
+__all__ = [
+    "normalize_counts",
+    "select_panel",
+    "panel_indices",
+    "PANEL_RULE",
+    "PANEL_RULES",
+    "TARGET_RULE",
+    "MARKERS",
+    "MARKER_PANEL_RULE",
+]
 
 TARGET_RULE = (
     "y = log1p(counts * 1e6 / total), counts = raw counts of the panel genes, total = sum of "
@@ -30,8 +38,23 @@ PANEL_RULE = (
 #: Genes a HER2+ pathologist looks at first: the HER2 amplicon, luminal epithelium,
 #: stroma and immune cells. Forced into the panel so they are always predicted and
 #: always reported (``pcc_markers`` in metrics.json).
-MARKERS = ["ERBB2", "GRB7", "KRT19", "SCGB2A2", "CD24", "COL1A1", "COL3A1", "FN1", "LUM", "MGP",
-           "IGKC", "IGHG3", "IGHA1", "CD74", "HLA-DRA"]
+MARKERS = [
+    "ERBB2",
+    "GRB7",
+    "KRT19",
+    "SCGB2A2",
+    "CD24",
+    "COL1A1",
+    "COL3A1",
+    "FN1",
+    "LUM",
+    "MGP",
+    "IGKC",
+    "IGHG3",
+    "IGHA1",
+    "CD74",
+    "HLA-DRA",
+]
 
 MARKER_PANEL_RULE = (
     "markers+mean_log1p_cpm: the marker genes " + ", ".join(MARKERS) + " (those measured in every "

@@ -14,9 +14,10 @@ import hashlib
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,11 +46,17 @@ class CachedSection:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, mask: np.ndarray, suffix: str = "") -> "CachedSection":
-        return CachedSection(self.name + suffix, self.level1[mask], self.y[mask],
-                             self.centers_um[mask], self.genes, self.genes_missing,
-                             None if self.counts is None else self.counts[mask],
-                             None if self.depth is None else self.depth[mask])
+    def subset(self, mask: np.ndarray, suffix: str = "") -> CachedSection:
+        return CachedSection(
+            self.name + suffix,
+            self.level1[mask],
+            self.y[mask],
+            self.centers_um[mask],
+            self.genes,
+            self.genes_missing,
+            None if self.counts is None else self.counts[mask],
+            None if self.depth is None else self.depth[mask],
+        )
 
 
 @dataclass
@@ -91,12 +98,14 @@ class TrainResult:
 
 # ---------------------------------------------------------------- data preparation
 
+
 def section_centers_um(section) -> np.ndarray:
     return np.asarray(section.adata.obsm["spatial"], dtype=float)[:, :2] * float(section.mpp)
 
 
-def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Optional[Path] = None,
-                    allow_missing: bool = False) -> Job[CachedSection]:
+def prepare_section(
+    section, genes: Sequence[str], mpp: float, cache_dir: Optional[Path] = None, allow_missing: bool = False
+) -> Job[CachedSection]:
     """Sample each spot's patch once and compute panel-normalised targets.
 
     Data that do not fit the panel stop here, before any patch is read: no panel gene
@@ -127,7 +136,10 @@ def prepare_section(section, genes: Sequence[str], mpp: float, cache_dir: Option
     if y.shape[0] != int(np.sum(keep)):
         y = y[keep]
     check_most_kept(
-        int((~keep).sum()), len(keep), where, f"spots have no counts in any of the {len(genes)} panel genes",
+        int((~keep).sum()),
+        len(keep),
+        where,
+        f"spots have no counts in any of the {len(genes)} panel genes",
         "the panel does not fit this data (another tissue or species, or gene names that only partly match)",
     )
     if not np.all(keep):
@@ -174,8 +186,9 @@ def _dense(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def spatial_block_split(centers_um: np.ndarray, block_um: float = 1000.0, val_fraction: float = 0.2,
-                        seed: int = 0) -> np.ndarray:
+def spatial_block_split(
+    centers_um: np.ndarray, block_um: float = 1000.0, val_fraction: float = 0.2, seed: int = 0
+) -> np.ndarray:
     """Validation mask made of whole square blocks of tissue (no neighbour leakage)."""
     if len(centers_um) < 10:
         raise M2ORTError(
@@ -200,8 +213,16 @@ def spatial_block_split(centers_um: np.ndarray, block_um: float = 1000.0, val_fr
 
 # ---------------------------------------------------------------- batches
 
-def _inputs(level1_uint8: np.ndarray, dev, augment: bool, rotate, jitter: float,
-            gen: Optional[torch.Generator], stain: str = "rgb"):
+
+def _inputs(
+    level1_uint8: np.ndarray,
+    dev,
+    augment: bool,
+    rotate,
+    jitter: float,
+    gen: Optional[torch.Generator],
+    stain: str = "rgb",
+):
     """``rotate``: a geometry name (see TrainConfig.geometry) or the legacy bool."""
     geometry = rotate if isinstance(rotate, str) else ("rotate" if rotate else "flips")
     x = torch.from_numpy(level1_uint8).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
@@ -220,8 +241,15 @@ def _inputs(level1_uint8: np.ndarray, dev, augment: bool, rotate, jitter: float,
     return x.contiguous(), F.avg_pool2d(x, 2).contiguous(), F.avg_pool2d(x, 4).contiguous()
 
 
-def predict_cached(model, level1: np.ndarray, device="cpu", precision: str = "fp32",
-                   batch_size: int = 64, tta: str = "none", with_spread: bool = False):
+def predict_cached(
+    model,
+    level1: np.ndarray,
+    device="cpu",
+    precision: str = "fp32",
+    batch_size: int = 64,
+    tta: str = "none",
+    with_spread: bool = False,
+):
     """The same forward as ``inference.predict`` (clipped at 0, same views), on cached
     patches, so evaluation scores exactly what prediction shows."""
     from .inference import forward_views
@@ -241,9 +269,17 @@ def predict_cached(model, level1: np.ndarray, device="cpu", precision: str = "fp
     return pred, spread
 
 
-def evaluate_cached(model, sections: Sequence[CachedSection], train_mean: Optional[np.ndarray],
-                    device="cpu", precision="fp32", batch_size: int = 64, tta: str = "none",
-                    smooth_um: float = 0.0, with_predictions: bool = False) -> dict:
+def evaluate_cached(
+    model,
+    sections: Sequence[CachedSection],
+    train_mean: Optional[np.ndarray],
+    device="cpu",
+    precision="fp32",
+    batch_size: int = 64,
+    tta: str = "none",
+    smooth_um: float = 0.0,
+    with_predictions: bool = False,
+) -> dict:
     """Metrics over the spots of ``sections`` (pooled). ``tta``/``smooth_um`` as in
     ``inference.predict``; smoothing runs within each section, never across them."""
     from .metrics import evaluate
@@ -261,8 +297,12 @@ def evaluate_cached(model, sections: Sequence[CachedSection], train_mean: Option
     genes = sections[0].genes
     missing = set().union(*[set(s.genes_missing) for s in sections])
     keep = np.array([g not in missing for g in genes])
-    res = evaluate(pred[:, keep], true[:, keep], [g for g, k in zip(genes, keep) if k],
-                   train_mean=None if train_mean is None else np.asarray(train_mean)[keep])
+    res = evaluate(
+        pred[:, keep],
+        true[:, keep],
+        [g for g, k in zip(genes, keep) if k],
+        train_mean=None if train_mean is None else np.asarray(train_mean)[keep],
+    )
     res["genes_missing"] = sorted(missing)
     res["tta"], res["smooth_um"] = tta, float(smooth_um)
     if with_predictions:
@@ -272,8 +312,14 @@ def evaluate_cached(model, sections: Sequence[CachedSection], train_mean: Option
     return res
 
 
-def evaluate_sections(model, sections: Sequence[CachedSection], train_mean: Optional[np.ndarray],
-                      device="cpu", precision="fp32", batch_size: int = 64) -> dict:
+def evaluate_sections(
+    model,
+    sections: Sequence[CachedSection],
+    train_mean: Optional[np.ndarray],
+    device="cpu",
+    precision="fp32",
+    batch_size: int = 64,
+) -> dict:
     """Each section scored on its own spots, then averaged over sections.
 
     Pooling spots of different sections into one PCC-gene mostly measures which section
@@ -286,8 +332,14 @@ def evaluate_sections(model, sections: Sequence[CachedSection], train_mean: Opti
         m = evaluate_cached(model, [s], train_mean, device, precision, batch_size)
         per[s.name] = {k: v for k, v in m.items() if k != "per_gene"}
     out: dict = {"per_section": per, "aggregate": "mean over sections of each section's own metric"}
-    for key in ("pcc_gene_mean", "pcc_gene_top50", "pcc_spot_mean", "pcc_spot_mean_baseline",
-                "rmse_mean", "rmse_mean_baseline"):
+    for key in (
+        "pcc_gene_mean",
+        "pcc_gene_top50",
+        "pcc_spot_mean",
+        "pcc_spot_mean_baseline",
+        "rmse_mean",
+        "rmse_mean_baseline",
+    ):
         vals = [v[key] for v in per.values() if v.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None
     out["n_spots"] = int(sum(v["n_spots"] for v in per.values()))
@@ -296,10 +348,17 @@ def evaluate_sections(model, sections: Sequence[CachedSection], train_mean: Opti
 
 # ---------------------------------------------------------------- the loop
 
-def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
-          val_sets: Sequence[CachedSection] = (), config: Optional[TrainConfig] = None,
-          out_path: Optional[Path] = None, should_stop: Optional[Callable[[], bool]] = None,
-          start_epoch: int = 0) -> Job[TrainResult]:
+
+def train(
+    model: torch.nn.Module,
+    card,
+    train_sets: Sequence[CachedSection],
+    val_sets: Sequence[CachedSection] = (),
+    config: Optional[TrainConfig] = None,
+    out_path: Optional[Path] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    start_epoch: int = 0,
+) -> Job[TrainResult]:
     from .model.weights import save_checkpoint
 
     cfg = config or TrainConfig()
@@ -377,8 +436,12 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             target = y[idx].to(dev)
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 pred = model(l1, l2, l3)
-            loss = criterion(pred, target, None if counts is None else counts[idx].to(dev),
-                             None if depth is None else depth[idx].to(dev))
+            loss = criterion(
+                pred,
+                target,
+                None if counts is None else counts[idx].to(dev),
+                None if depth is None else depth[idx].to(dev),
+            )
             if not torch.isfinite(loss):
                 raise M2ORTError("The training loss became NaN/inf: lower the learning rate.")
             opt.zero_grad(set_to_none=True)
@@ -390,15 +453,24 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
             losses.append(loss.item())
             step += 1
             # the bar shows the epoch's running mean: the same definition as the summary
-            yield Progress("train", step, total, f"epoch {epoch} loss {np.mean(losses):.4f}",
-                           data={"epoch": epoch, "step": step, "loss": float(np.mean(losses))})
+            yield Progress(
+                "train",
+                step,
+                total,
+                f"epoch {epoch} loss {np.mean(losses):.4f}",
+                data={"epoch": epoch, "step": step, "loss": float(np.mean(losses))},
+            )
             if should_stop is not None and should_stop():
                 stopped = True
                 break
         if stopped:
             break
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - te,
-                  "lr": float(opt.param_groups[0]["lr"])}
+        record = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "epoch_seconds": time.perf_counter() - te,
+            "lr": float(opt.param_groups[0]["lr"]),
+        }
         if ema is not None:
             ema.swap_in(model)  # evaluate and save the averaged weights
         if val_sets and (e + 1) % cfg.eval_every == 0:
@@ -409,8 +481,11 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
                 best_score, best_epoch, best_metrics = score, epoch, record["val"]
                 best_state = copy.deepcopy(model.state_dict())
                 if out_path is not None:
-                    card.metrics = {"validation": best_metrics, "best_epoch": best_epoch,
-                                    "train_config": _config_record(cfg)}
+                    card.metrics = {
+                        "validation": best_metrics,
+                        "best_epoch": best_epoch,
+                        "train_config": _config_record(cfg),
+                    }
                     save_checkpoint(model, card, out_path)
         elif not val_sets:
             best_epoch, best_state = epoch, None
@@ -434,9 +509,18 @@ def train(model: torch.nn.Module, card, train_sets: Sequence[CachedSection],
         card.metrics = dict(card.metrics or {}, fit=fit)
         if out_path is not None and Path(out_path).exists():
             save_checkpoint(model, card, out_path)
-    return TrainResult(model, card, history, best_epoch, best_metrics,
-                       Path(out_path) if out_path is not None and Path(out_path).exists() else None,
-                       stopped, epoch if not stopped else epoch - 1, time.perf_counter() - t0, fit)
+    return TrainResult(
+        model,
+        card,
+        history,
+        best_epoch,
+        best_metrics,
+        Path(out_path) if out_path is not None and Path(out_path).exists() else None,
+        stopped,
+        epoch if not stopped else epoch - 1,
+        time.perf_counter() - t0,
+        fit,
+    )
 
 
 class _Ema:

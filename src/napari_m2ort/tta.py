@@ -20,8 +20,17 @@ import numpy as np
 
 from .errors import M2ORTError
 
-__all__ = ["TTA_MODES", "DEFAULT_TTA", "DEFAULT_SMOOTH_UM", "n_views", "view", "check_tta",
-           "check_smooth_um", "smooth", "OUTPUT_RULE"]
+__all__ = [
+    "TTA_MODES",
+    "DEFAULT_TTA",
+    "DEFAULT_SMOOTH_UM",
+    "n_views",
+    "view",
+    "check_tta",
+    "check_smooth_um",
+    "smooth",
+    "OUTPUT_RULE",
+]
 
 #: mode -> number of views (identity first)
 TTA_MODES = {"none": 1, "flips": 4, "dihedral": 8}
@@ -67,8 +76,15 @@ def view(level1_nhwc: np.ndarray, k: int) -> np.ndarray:
         return x
     # "flips" uses views 0..3 as identity / h-flip / v-flip / both (= 180-degree turn);
     # "dihedral" uses all 8: rotations 0, 90, 180, 270 and each of them flipped.
-    table = {1: (0, True, False), 2: (0, False, True), 3: (2, False, False),
-             4: (1, False, False), 5: (3, False, False), 6: (1, True, False), 7: (3, True, False)}
+    table = {
+        1: (0, True, False),
+        2: (0, False, True),
+        3: (2, False, False),
+        4: (1, False, False),
+        5: (3, False, False),
+        6: (1, True, False),
+        7: (3, True, False),
+    }
     turns, hflip, vflip = table[k]
     if turns:
         x = np.rot90(x, turns, axes=(1, 2))
@@ -79,8 +95,7 @@ def view(level1_nhwc: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def smooth(values: np.ndarray, centers_um: np.ndarray, sigma_um: float,
-           use: np.ndarray | None = None) -> np.ndarray:
+def smooth(values: np.ndarray, centers_um: np.ndarray, sigma_um: float, use: np.ndarray | None = None) -> np.ndarray:
     """Gaussian-weighted mean over the spots predicted together, within 3 sigma.
 
     ``use`` marks the spots allowed to contribute (e.g. not blank glass, not off-slide,
