@@ -288,14 +288,14 @@ def _canvas_overlay(viewer, name: str):
     return getattr(viewer, {"text": "text_overlay", "scale_bar": "scale_bar"}[name], None)
 
 
-def show_legend(viewer, text: str) -> None:
+def show_legend(viewer, text: str, position: str = "top_left") -> None:
     """A line of text over the canvas naming what the colours are, plus a µm scale bar."""
     overlay = _canvas_overlay(viewer, "text")
     if overlay is not None:
         overlay.text = text
         overlay.font_size = 12
         try:
-            overlay.position = "top_left"
+            overlay.position = position
         except Exception:  # pragma: no cover - older napari
             pass
         overlay.visible = bool(text)

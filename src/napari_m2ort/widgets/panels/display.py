@@ -206,7 +206,9 @@ class Display:
         if n_flagged:
             shown = "shown" if self.state.show_flagged else "hidden"
             legend.append(f"{n_flagged} flagged spots (glass, off-slide) {shown}, not in the range")
-        L.show_legend(self.viewer, "\n".join(line for line in legend if line))
+        # side by side the grid puts the colorbar top left of the first cell: keep clear of it
+        where = "bottom_left" if self.state.side_by_side else "top_left"
+        L.show_legend(self.viewer, "\n".join(line for line in legend if line), where)
         self.update_heatmap()
         if self.on_changed is not None:
             self.on_changed()
