@@ -78,3 +78,22 @@ def test_same_slide_needs_the_sections_own_image(tmp_path):
     assert same_slide(str(img), sec)
     assert not same_slide(str(tmp_path / "b.jpg"), sec)
     assert not same_slide(None, sec)
+
+
+def test_measured_targets_on_the_model_scale_and_missing_genes_listed():
+    from napari_m2ort.compare import MeasuredComparison, measured_targets
+    from napari_m2ort.targets import normalize_counts
+
+    ids = ["ENSG1000000001", "ENSG1000000002", "ENSG1000000003"]
+    sec = _section(ids, {"gene_symbols": ["ERBB2", "GRB7", "ACTB"]})
+    sec.adata.X = np.array([[1.0, 3.0, 100.0], [0.0, 0.0, 5.0], [2.0, 2.0, 0.0]], np.float32)
+    keep, y, present, missing, column = measured_targets(sec, ["ERBB2", "GRB7", "KRT19"])
+    assert column == "gene_symbols" and present == ["ERBB2", "GRB7"] and missing == ["KRT19"]
+    # panel-normalised: ACTB's 100 counts do not dilute the panel genes; spot 2 has no panel counts
+    assert list(keep) == [True, False, True]
+    expected, _ = normalize_counts(sec.adata.X, [0, 1])
+    assert np.allclose(y, expected)
+    assert np.allclose(y[0], np.log1p(np.array([1.0, 3.0]) * 1e6 / 4.0))
+    res = MeasuredComparison("s", {"n_spots": 2, "n_genes": 2, "pcc_gene_mean": 0.5}, ["ERBB2", "GRB7", "KRT19"],
+                             ["KRT19"], np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 2)), ["a", "b"], 55.0)  # fmt: skip
+    assert "Not measured (1): KRT19" in res.summary() and "PCC-gene 0.500" in res.summary()
