@@ -50,3 +50,16 @@ def test_plugin_writers_first_extension_added_umask_followed(make_napari_viewer,
         assert stat.S_IMODE(os.stat(csv[0]).st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def test_measured_spots_offer_anndata_first_without_the_widget(make_napari_viewer):
+    from napari.plugins import _npe2
+    from npe2 import PluginManager
+
+    table = PluginManager.instance()._contrib._writers
+    table.sort(key=lambda row: row[-1].command.startswith("napari-m2ort."))  # as napari registers them
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-m2ort", "her2st_c2")
+    points = [ly for ly in viewer.layers if ly._type_string == "points"][0]
+    ext_str, writers = _npe2.file_extensions_string_for_layers([points])
+    assert writers[0].command == "napari-m2ort.write_h5ad", ext_str

@@ -124,6 +124,7 @@ def points_layer_data(
         kwargs["face_color"] = color_by
         kwargs["face_colormap"] = "viridis"
     data = np.ascontiguousarray(xy_um[:, ::-1])  # napari order: (row=y, col=x)
+    prefer_plugin_writers()  # File > Save offers AnnData first for these spots
     return (data, kwargs, "points")
 
 
@@ -148,6 +149,31 @@ def section_layer_data(section: STSection) -> list[tuple]:
 
 
 # -------------------------------------------------------------------------- writers
+
+
+PLUGIN = "napari-m2ort"
+
+
+def prefer_plugin_writers() -> bool:
+    """Put this plugin's writers (AnnData, spots CSV) first in File > Save's list.
+
+    napari preselects the first compatible writer, and npe2 orders writers of equal
+    specificity by registration, so napari's own CSV writer came first for our Points
+    layers (and lost their gene names and model card).  npe2 has no public way to
+    prefer a writer, so the plugin's entries are moved to the front of its writer table
+    (stable otherwise).  False when npe2's internals differ (nothing changed then).
+    """
+    try:
+        from npe2 import PluginManager
+
+        table = PluginManager.instance()._contrib._writers
+        ours = [row for row in table if row[-1].command.startswith(PLUGIN + ".")]
+        if not ours or table[: len(ours)] == ours:
+            return bool(ours)
+        table[:] = ours + [row for row in table if not row[-1].command.startswith(PLUGIN + ".")]
+        return True
+    except Exception:  # pragma: no cover - private npe2 structure changed
+        return False
 
 
 def _with_suffix(path: str, suffix: str) -> str:

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from ..io.napari import prefer_plugin_writers  # noqa: F401  (File > Save: the plugin's writers first)
 from ..io.slides.layer import LayerSlide, layer_mpp  # noqa: F401  (the core's, used by the widgets)
 from ..raster import value_range
 
@@ -302,33 +303,6 @@ def show_legend(viewer, text: str, position: str = "top_left") -> None:
     bar = _canvas_overlay(viewer, "scale_bar")
     if bar is not None and text and not bar.visible:
         bar.visible = True
-
-
-# ------------------------------------------------------------------ saving
-
-PLUGIN = "napari-m2ort"
-
-
-def prefer_plugin_writers() -> bool:
-    """Put this plugin's writers (AnnData, spots CSV) first in File > Save's list.
-
-    napari preselects the first compatible writer, and npe2 orders writers of equal
-    specificity by registration, so napari's own CSV writer came first for our Points
-    layers (and lost their gene names and model card).  npe2 has no public way to
-    prefer a writer, so the plugin's entries are moved to the front of its writer table
-    (stable otherwise).  False when npe2's internals differ (nothing changed then).
-    """
-    try:
-        from npe2 import PluginManager
-
-        table = PluginManager.instance()._contrib._writers
-        ours = [row for row in table if row[-1].command.startswith(PLUGIN + ".")]
-        if not ours or table[: len(ours)] == ours:
-            return bool(ours)
-        table[:] = ours + [row for row in table if not row[-1].command.startswith(PLUGIN + ".")]
-        return True
-    except Exception:  # pragma: no cover - private npe2 structure changed
-        return False
 
 
 # ------------------------------------------------------------------ several slides
