@@ -116,3 +116,14 @@ def test_evaluate_top50_and_no_baseline():
     assert "train_mean" in out["baseline"]
     with pytest.raises(ValueError, match="gene names"):
         evaluate(pred, true, ["a"])
+
+
+def test_evaluate_reports_marker_pccs():
+    rng = np.random.default_rng(1)
+    genes = ["ERBB2", "KRT19", "OTHER"]
+    true = rng.normal(size=(30, 3))
+    pred = true.copy()
+    pred[:, 1] = -true[:, 1]
+    res = evaluate(pred, true, genes)
+    assert res["pcc_markers"] == {"ERBB2": pytest.approx(1.0), "KRT19": pytest.approx(-1.0)}
+    assert res["pcc_markers_mean"] == pytest.approx(0.0, abs=1e-9)

@@ -88,3 +88,16 @@ def test_panel_and_targets_on_real_sections(her2st):
         y, keep = normalize_counts(s.adata.X, panel_indices(s.genes, panel))
         assert y.shape == (keep.sum(), 250) and keep.mean() > 0.95
         assert np.isfinite(y).all() and y.min() >= 0 and y.max() < np.log1p(1e6) + 1e-3
+
+
+def test_marker_panel_on_real_sections(her2st):
+    from napari_m2ort.io.st import STDataWarning, read_her2st
+    from napari_m2ort.targets import MARKERS
+
+    with pytest.warns(STDataWarning):
+        c2, b4 = read_her2st(her2st, "C2"), read_her2st(her2st, "B4")
+    panel = select_panel([c2.adata, b4.adata], n=250, rule="markers+mean_log1p_cpm")
+    assert len(panel) == 250 and len(set(panel)) == 250
+    assert panel[: len(MARKERS)] == MARKERS  # every marker is measured in both sections
+    plain = select_panel([c2.adata, b4.adata], n=250)
+    assert [g for g in panel if g not in MARKERS] == [g for g in plain if g not in MARKERS][: 250 - len(MARKERS)]

@@ -115,3 +115,32 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert [const(s) for s in range(12)] == [1.0] * 12
     with pytest.raises(M2ORTError, match="schedule"):
         lr_factor(TrainConfig(schedule="step"), 4)
+
+
+def test_recipe_options_validation_per_section_and_fit(c2_cached):
+    """Per-section validation, a fit table, EMA and the count losses run end to end."""
+    from napari_m2ort.training import evaluate_sections
+
+    assert c2_cached.counts is not None and c2_cached.depth.shape == (len(c2_cached),)
+    val = spatial_block_split(c2_cached.centers_um)
+    tr, va = c2_cached.subset(~val, ":train"), c2_cached.subset(val, ":val")
+    tr = tr.subset(np.arange(len(tr)) < 24)
+    half = np.arange(len(va)) < len(va) // 2
+    va1, va2 = va.subset(half, "a"), va.subset(~half, "b")
+    for loss, geometry, stain in (("mse_depth", "dihedral", "hed"), ("nb", "flips", "rgb")):
+        torch.manual_seed(0)
+        model = timm.create_model("m2ort_small", num_classes=len(tr.genes), depth=1)
+        card = ModelCard(variant="m2ort_small", genes=tr.genes, mpp=0.69)
+        cfg = TrainConfig(
+            epochs=2, batch_size=12, device="cpu", loss=loss, geometry=geometry, stain=stain, color_jitter=0.05, ema=0.9
+        )
+        res = run_to_end(train(model, card, [tr], [va1, va2], cfg))
+        v = res.history[-1]["val"]
+        assert set(v["per_section"]) == {va1.name, va2.name}
+        per = [s["pcc_gene_mean"] for s in v["per_section"].values()]
+        assert v["pcc_gene_mean"] == pytest.approx(np.mean(per))
+        assert set(res.fit["per_section"]) == {tr.name} and card.metrics["fit"] == res.fit
+        again = evaluate_sections(res.model, [va1, va2], None)
+        assert again["pcc_gene_mean"] == pytest.approx(res.best_metrics["pcc_gene_mean"], abs=1e-6)
+    with pytest.raises(M2ORTError, match="geometry"):
+        run_to_end(train(model, card, [tr], [], TrainConfig(epochs=1, geometry="twirl", device="cpu")))
