@@ -198,6 +198,9 @@ def test_colour_flags_on_real_images(tmp_path):
     assert lowres[0] == "ok"
     corner = flags(SLIDE, 0.69, np.array([[60.0, 60.0]]))  # glass at the corner of the section
     assert corner[0] == "blank"
+    # tinted glass with the ST array's printed dots, up and left of the tissue
+    dotted = np.stack(np.meshgrid(np.arange(250, 1000, 100.0), np.arange(250, 800, 100.0)), -1).reshape(-1, 2)
+    assert (flags(SLIDE, 0.69, dotted) == "blank").all()
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ image, spots on bare glass):
   detail left at the model's scale: more than ``REFUSE_COARSER`` x coarser is refused
   (unless forced), more than ``WARN_COARSER`` x coarser is warned about.
 * **Colour.** Per spot, on the slide's thumbnail over the model's field of view: the
-  stained pixels (grey level 30-220) must cover at least ``MIN_STAINED`` of the field,
+  stained pixels (the tissue mask of ``spots.tissue_mask_from_rgb``, the same rule as
+  "tissue only") must cover at least ``MIN_STAINED`` of the field,
   else the spot is "blank"; and they must look like H&E, pink (eosin) to blue-purple
   (haematoxylin): blue above green by at least ``MIN_BLUE_GAP`` grey levels, with mean
   saturation at least ``MIN_SATURATION``; else "not-HE" (greyscale, DAB-brown IHC,
@@ -63,8 +64,17 @@ def colour_flags(slide, centers_um: np.ndarray, fov_um: float, max_px: int = 102
     um_per_px = float(slide.mpp) * float(down)
     h, w = rgb.shape[:2]
     half = max(0.5, fov_um / um_per_px / 2)
-    gray = rgb.mean(-1)
-    stained = (gray >= 30) & (gray <= 220)
+    # "stained" is the tissue rule of the 'tissue only' option (saturation above an Otsu
+    # threshold, not too dark or bright, cleaned): glass, even tinted glass with the ST
+    # array's printed dots, falls outside it
+    from ..spots import tissue_mask_from_rgb
+
+    stained = tissue_mask_from_rgb(rgb, um_per_px).mask
+    if stained.mean() < 0.01:
+        # no coloured tissue anywhere (a greyscale or inverted image): judge by grey level,
+        # so such tissue reads "not-HE" below rather than "blank"
+        gray = rgb.mean(-1)
+        stained = (gray >= 30) & (gray <= 220)
     mx, mn = rgb.max(-1), rgb.min(-1)
     sat = (mx - mn) / np.maximum(mx, 1.0)
     # integral images: each spot's sums in O(1)
