@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", choices=DEVICES, help="where the model runs; auto = CUDA, else MPS, else CPU"
     )
     p.add_argument("--model", default="bundled", help="'bundled' or a .safetensors checkpoint")
+    p.add_argument("--compare", action="store_true",
+                   help="predict at the sample's measured spots instead, and write compare.json (the scores "
+                        "'evaluate' gives on the section) and compare.png (overlay, per-gene table, scatter)")  # fmt: skip
+    _add_inference_opts(p)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
@@ -430,7 +434,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, gene=args.gene, spots=args.spots, device=args.device, model=args.model,
-                    overwrite=args.overwrite)  # fmt: skip
+                    overwrite=args.overwrite, compare=args.compare, tta=args.tta, smooth_um=args.smooth_um)  # fmt: skip
 
 
 COMMANDS = {

@@ -5,7 +5,10 @@ draws a tissue-rich rectangle holding about ``--spots`` Visium spots, presses Pr
 and writes ``predictions.h5ad`` (the same structure as ``napari-m2ort predict`` writes:
 ``pipelines.write_prediction`` of the widget's result) and ``overlay.png`` (a
 screenshot of the canvas: predicted expression of one gene over the tissue, colorbar,
-legend and scale bar).  Without a display it starts a private Xvfb server for the run
+legend and scale bar).  With ``--compare`` it presses "Predict at measured spots"
+instead (the sample's own measured spots) and writes ``compare.json`` (the scores
+``napari-m2ort evaluate`` gives on that section) and ``compare.png`` (the whole window:
+the overlay, the per-gene table and the scatter plot).  Without a display it starts a private Xvfb server for the run
 (napari needs a real OpenGL context: Qt's ``offscreen`` platform cannot draw layers).
 """
 
@@ -116,29 +119,39 @@ def _wait(app, predicate, timeout: float) -> None:
     app.processEvents()
 
 
-def _run(out: Path, gene: str, n_spots: int, device: str, model: str) -> int:
+def _open_widget(viewer, device: str, model: str, tta: str, smooth_um: float):
+    """The sample (image + measured spots) and the docked Predict widget, set up."""
+    from .pipelines import BUNDLED, checkpoint_path
+
+    viewer.open_sample("napari-m2ort", "her2st_c2")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-m2ort", "Predict expression")
+    if model != BUNDLED:
+        widget.add_checkpoint(str(checkpoint_path(model)))
+    if widget.model_spec() is None:
+        checkpoint_path(BUNDLED)  # raises the clear "bundled weights missing" error
+    if widget.device_combo.findText(device) < 0:
+        raise M2ORTError(
+            f"--device {device}: not available here (use one of "
+            f"{', '.join(widget.device_combo.itemText(i) for i in range(widget.device_combo.count()))})."
+        )
+    widget.device_combo.setCurrentText(device)
+    widget.tta_combo.setCurrentText(tta)
+    widget.smooth_spin.setValue(float(smooth_um))
+    return widget
+
+
+def _run(out: Path, gene: str, n_spots: int, device: str, model: str, tta: str, smooth_um: float) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from .pipelines import BUNDLED, checkpoint_path, write_prediction
+    from .pipelines import write_prediction
 
     t_start = time.perf_counter()
     viewer = napari.Viewer(show=True, title="napari-m2ort demo")
     try:
         viewer.window.resize(1600, 1100)
         app = QApplication.instance()
-        viewer.open_sample("napari-m2ort", "her2st_c2")
-        _, widget = viewer.window.add_plugin_dock_widget("napari-m2ort", "Predict expression")
-        if model != BUNDLED:
-            widget.add_checkpoint(str(checkpoint_path(model)))
-        if widget.model_spec() is None:
-            checkpoint_path(BUNDLED)  # raises the clear "bundled weights missing" error
-        if widget.device_combo.findText(device) < 0:
-            raise M2ORTError(
-                f"--device {device}: not available here (use one of "
-                f"{', '.join(widget.device_combo.itemText(i) for i in range(widget.device_combo.count()))})."
-            )
-        widget.device_combo.setCurrentText(device)
+        widget = _open_widget(viewer, device, model, tta, smooth_um)
         widget.layout_combo.setCurrentIndex(widget.layout_combo.findData("visium"))
         widget.tissue_check.setChecked(True)
         slide_layer = widget.slide_layer()
@@ -191,7 +204,66 @@ def _run(out: Path, gene: str, n_spots: int, device: str, model: str) -> int:
         viewer.close()
 
 
+def _run_compare(out: Path, gene: str, device: str, model: str, tta: str, smooth_um: float) -> int:
+    """Predict at the sample's measured spots in the widget; write compare.json/.png."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from .pipelines import write_json
+
+    viewer = napari.Viewer(show=True, title="napari-m2ort demo: predicted vs measured")
+    try:
+        viewer.window.resize(1600, 1180)
+        app = QApplication.instance()
+        widget = _open_widget(viewer, device, model, tta, smooth_um)
+        t0 = time.perf_counter()
+        if widget.predict_at_measured() is None:
+            raise M2ORTError(widget.last_error or "Predict at measured spots did not start.")
+        _wait(app, lambda: not widget.running, 1800)
+        res = widget.at_measured.result
+        if widget.last_error or res is None:
+            raise M2ORTError(widget.last_error or "Predict at measured spots gave no result.")
+        seconds = time.perf_counter() - t0
+        widget.set_gene(gene)
+        # the overlay: the compared spots, with a margin; the dock scrolled to table + scatter
+        xy = np.asarray(res.centers_um, dtype=float)
+        (x0, y0), (x1, y1) = xy.min(axis=0) - 150, xy.max(axis=0) + 150
+        h, w = viewer.canvas.size
+        viewer.camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+        viewer.camera.zoom = 0.95 * min(h / (y1 - y0), w / (x1 - x0))
+        for _ in range(10):
+            app.processEvents()
+            time.sleep(0.02)
+        panel = widget.measured_panel
+        rows = panel.gene_table.selectedItems()
+        if rows:
+            panel.gene_table.scrollToItem(rows[0])
+        area = getattr(widget, "_scroll_area", None)
+        if area is not None:  # the table and the scatter plot below the fold: scroll to them
+            area.ensureWidgetVisible(panel.canvas if panel.canvas is not None else panel, 0, 0)
+        for _ in range(20):
+            app.processEvents()
+            time.sleep(0.02)
+        m = res.metrics
+        record = {k: m.get(k) for k in ("pcc_gene_mean", "pcc_spot_mean", "pcc_spot_mean_baseline", "per_gene")}
+        record.update(
+            section=res.section, n_spots=m.get("n_spots"), n_genes=m.get("n_genes"), genes_missing=res.genes_missing,
+            tta=m.get("tta", tta), smooth_um=m.get("smooth_um", smooth_um), model=model, gene_shown=gene,
+        )  # fmt: skip
+        js = write_json(out / "compare.json", record)
+        png = out / "compare.png"
+        viewer.screenshot(str(png), canvas_only=False, flash=False)
+        print(f"wrote {js}")
+        print(f"wrote {png}")
+        print(f"{widget.summary_label.text()}")
+        print(f"time from Predict at measured spots to the scores: {seconds:.1f} s")
+        return 0
+    finally:
+        viewer.close()
+
+
 OUTPUTS = ("predictions.h5ad", "overlay.png")
+COMPARE_OUTPUTS = ("compare.json", "compare.png")
 
 
 def run_demo(
@@ -201,8 +273,13 @@ def run_demo(
     device: str = "auto",
     model: str = "bundled",
     overwrite: bool = False,
+    compare: bool = False,
+    tta: str | None = None,
+    smooth_um: float | None = None,
 ) -> int:
-    """Run the demo into folder ``out``: about ``spots`` Visium spots, showing ``gene``.
+    """Run the demo into folder ``out``: about ``spots`` Visium spots, showing ``gene``
+    (``compare``: predict at the sample's measured spots and score them instead).
+    ``tta`` / ``smooth_um``: the inference options (default: the CLI's defaults).
 
     Everything the user typed is checked before a window opens: the output folder (its
     files are refused unless ``overwrite``), the spot count, the model and the gene."""
@@ -212,9 +289,12 @@ def run_demo(
 
     from .devices import resolve_device
     from .pipelines import checkpoint_path, checks, read_model_card
+    from .tta import DEFAULT_SMOOTH_UM, DEFAULT_TTA, check_smooth_um, check_tta
 
     resolve_device(device or "auto")  # "cuda" on a machine without one: said before any window
-    out = checks.output_folder(out or "demo_out", overwrite, holds=OUTPUTS)
+    tta = check_tta(DEFAULT_TTA if tta is None else tta)
+    smooth_um = check_smooth_um(DEFAULT_SMOOTH_UM if smooth_um is None else smooth_um)
+    out = checks.output_folder(out or "demo_out", overwrite, holds=COMPARE_OUTPUTS if compare else OUTPUTS)
     n_spots = checks.number("Spots (--spots)", 100 if spots is None else spots, lo=1, hi=5000, integer=True)
     model = str(model or "bundled")
     if checkpoint_path(model) is None:  # fails fast, before any window, for a missing file
@@ -225,4 +305,6 @@ def run_demo(
         raise M2ORTError(f"--gene {gene}: not in the model's panel ({len(genes)} genes, e.g. {', '.join(genes[:5])}).")
     out.mkdir(parents=True, exist_ok=True)
     with virtual_display():
-        return _run(out, gene, n_spots, device or "auto", model)
+        if compare:
+            return _run_compare(out, gene, device or "auto", model, tta, smooth_um)
+        return _run(out, gene, n_spots, device or "auto", model, tta, smooth_um)
