@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def test_core_and_state_modules_do_not_import_qt():
@@ -48,10 +49,13 @@ def test_model_catalogue_memory_models(tmp_path):
     added = []
     cat.added.connect(added.append)
     card = ModelCard(variant="m2ort_small", genes=["A", "B"], mpp=0.69)
-    model = object()
+    model = torch.nn.Linear(2, 2)  # any module: the catalogue holds it, the spec resolves it
     spec = cat.add_memory(model, card, name="tuned")
     assert spec.startswith("memory:") and added == [spec]
     assert cat.load(spec) == (model, card) and cat.card(spec) is card
+    from napari_m2ort.pipelines import resolve_model
+
+    assert resolve_model(spec)[0] is model  # every use case resolves the widget's spec
     assert cat.labels[spec] == "tuned (2 genes)"
     assert "2 genes" in describe_card(card)
     with pytest.raises(M2ORTError):
@@ -93,3 +97,24 @@ def test_tuned_card_describes_its_own_training_only():
     for words in ("starting from M2ORT-S bundled", "C3 (190 spots)", "2 of 5 epoch(s) (cancelled)", "kept epoch 2",
                   "C3:val 0.310 (40 spots)", "C3:train PCC-gene 0.500, PCC-spot 0.900 (150 spots)"):  # fmt: skip
         assert words in out.notes, out.notes
+
+
+def test_finish_run_puts_the_final_smoothed_values_and_spread_on_the_layer():
+    import numpy as np
+    import pandas as pd
+    from napari.layers import Points
+
+    from napari_m2ort.io.export import points_layer_to_anndata
+    from napari_m2ort.widgets._layers import finish_run
+
+    layer = Points(np.zeros((3, 2)), features=pd.DataFrame({"A": [1.0, 2, 3], "B": [4.0, 5, 6]}))
+    layer.metadata.update(spot_ids=["s0", "s1", "s2"], flags=["ok"] * 3, mpp=0.5)
+    final = np.array([[9.0, 8.0], [7.0, 6.0]], np.float32)
+    finish_run(layer, ["s2", "s0"], final, final / 10, {"tta": "dihedral", "smooth_um": 100.0})
+    assert layer.features["A"].tolist() == [7.0, 2.0, 9.0] and layer.features["B"].tolist() == [6.0, 5.0, 8.0]
+    spread = layer.metadata["uncertainty"]
+    assert np.allclose(spread[[2, 0]], final / 10) and np.isnan(spread[1]).all()
+    adata = points_layer_to_anndata(layer.data, {"features": layer.features, "metadata": layer.metadata})
+    m = adata.uns["m2ort"]
+    assert m["tta"] == "dihedral" and m["smooth_um"] == 100.0 and "smoothed" in m["smoothing"]
+    assert adata.layers["uncertainty"].shape == (3, 2)

@@ -343,5 +343,15 @@ def points_layer_to_anndata(data, meta: dict, slide=None):
         slide=slide,
         uncertainty=per_spot("uncertainty"),
         flags=per_spot("flags"),
-        m2ort={"model_card": md["model_card"]} if "model_card" in md else None,
+        m2ort=_layer_m2ort(md),
     )
+
+
+def _layer_m2ort(md: dict) -> Optional[dict]:
+    """What a predictions layer says about how its values were made."""
+    out = {k: md[k] for k in ("model_card", "tta", "smooth_um") if k in md}
+    if isinstance(out.get("smooth_um"), (int, float)) and out["smooth_um"] > 0:
+        out["smoothing"] = (
+            f"values are smoothed: Gaussian over neighbouring predicted spots, sigma {out['smooth_um']:g} µm"
+        )
+    return out or None

@@ -232,6 +232,32 @@ def append_spots(
     color_by(layer, gene, clim=clim)
 
 
+def finish_run(layer, ids: Sequence[str], values: np.ndarray, uncertainty, info: dict) -> None:
+    """Replace the spots' streamed values with the run's final ones (smoothing happens
+    after the last batch), keep the TTA spread per spot, and record the inference
+    options, so what is shown and exported is what the core computed."""
+    md = layer.metadata
+    pos = {str(i): k for k, i in enumerate(md.get("spot_ids", []))}
+    rows = np.array([pos.get(str(i), -1) for i in ids])
+    ok = rows >= 0
+    if not ok.any():
+        return
+    n, genes = len(layer.data), list(layer.features.columns)
+    features = layer.features.copy()
+    features.iloc[rows[ok], : len(genes)] = np.asarray(values, dtype=np.float32)[ok]
+    layer.features = features
+    if uncertainty is not None:
+        spread = np.asarray(md.get("uncertainty", np.full((n, len(genes)), np.nan)), dtype=np.float32)
+        if spread.shape != (n, len(genes)):
+            spread = np.vstack([spread, np.full((n - len(spread), len(genes)), np.nan, np.float32)])
+        spread[rows[ok]] = np.asarray(uncertainty, dtype=np.float32)[ok]
+        md["uncertainty"] = spread
+    for key in ("tta", "smooth_um"):
+        if key in info:
+            old = md.get(key)
+            md[key] = info[key] if old is None or old == info[key] else "mixed"
+
+
 def on_tissue(layer) -> np.ndarray:
     """Per spot: not flagged as glass, off-slide or unlike H&E (True for unflagged layers)."""
     n = len(layer.data)

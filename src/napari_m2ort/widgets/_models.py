@@ -112,7 +112,11 @@ class ModelCatalogue:
         return self._add(spec, label or f"{Path(path).name} ({card.variant}, {len(card.genes)} genes)")
 
     def add_memory(self, model, card, name: str = "fine-tuned model") -> str:
-        spec = f"memory:{model_key(card)}"
+        """Register a model held in memory under a spec every use case resolves
+        (``pipelines.remember_model``); the catalogue keeps the model alive."""
+        from ..pipelines import remember_model
+
+        spec = remember_model(model, card)
         with self._lock:
             self._loaded[spec] = (model, card)
         return self._add(spec, f"{name} ({len(card.genes)} genes)")

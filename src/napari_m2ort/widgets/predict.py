@@ -434,6 +434,11 @@ class PredictWidget(QWidget):
         if run.layer is not None and run.layer in self.viewer.layers:
             run.layer.metadata.setdefault("runs", []).append(summary.record())
             L.set_flags(run.layer, list(map(str, result.spots.ids)), list(result.flags))
+            done = np.asarray(pred.done, dtype=bool)
+            L.finish_run(
+                run.layer, [str(i) for i in np.asarray(result.spots.ids)[done]], pred.values[done],
+                None if pred.uncertainty is None else pred.uncertainty[done], info,
+            )  # fmt: skip
         skipped = f", {summary.skipped} already predicted" if summary.skipped else ""
         if summary.stopped:
             msg = f"Stopped: kept {summary.n_spots} of {summary.n_requested} spots ({seconds:.1f} s){skipped}."

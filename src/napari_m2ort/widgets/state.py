@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from psygnal import evented
 
+from ..tta import DEFAULT_SMOOTH_UM, DEFAULT_TTA
+
 DEFAULT_GENES = ("ERBB2", "GRB7", "KRT19")  # shown first when the panel has them
 
 
@@ -34,8 +36,8 @@ class PredictSettings:
     batch_size: int = 64
     compile: bool = False
     regions: str = ""  # name of the Shapes layer with the regions
-    tta: str = "none"  # test-time augmentation (tta.TTA_MODES), as the CLI's --tta
-    smooth_um: float = 0.0  # smoothing sigma over neighbouring spots, as --smooth-um
+    tta: str = DEFAULT_TTA  # test-time augmentation (tta.TTA_MODES), as the CLI's --tta
+    smooth_um: float = DEFAULT_SMOOTH_UM  # smoothing sigma over neighbouring spots, as --smooth-um
     force: bool = False  # predict on a slide far coarser than the model anyway
 
 
