@@ -49,8 +49,8 @@ def inference_grid(model, section, train_mean, precision="fp32") -> tuple[dict, 
     the errors (Spearman of uncertainty vs absolute error) with the shipped settings."""
     from scipy.stats import spearmanr
 
+    from napari_m2ort.evaluation import predict_cached
     from napari_m2ort.metrics import evaluate
-    from napari_m2ort.training import predict_cached
     from napari_m2ort.tta import smooth
 
     raw = {}
@@ -83,11 +83,12 @@ def main(argv=None):
     import torch
 
     import napari_m2ort  # noqa: F401
+    from napari_m2ort.evaluation import evaluate_cached
     from napari_m2ort.io.st import read_her2st
     from napari_m2ort.progress import run_to_end
     from napari_m2ort.targets import PANEL_RULES, select_panel
     from napari_m2ort.train_setup import build_model, new_card
-    from napari_m2ort.training import TrainConfig, evaluate_cached, prepare_section, spatial_block_split, train
+    from napari_m2ort.training import TrainConfig, prepare_section, spatial_block_split, train
 
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))

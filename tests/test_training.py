@@ -119,7 +119,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 
 def test_recipe_options_validation_per_section_and_fit(c2_cached):
     """Per-section validation, a fit table, EMA and the count losses run end to end."""
-    from napari_m2ort.training import evaluate_sections
+    from napari_m2ort.evaluation import evaluate_sections
 
     assert c2_cached.counts is not None and c2_cached.depth.shape == (len(c2_cached),)
     val = spatial_block_split(c2_cached.centers_um)

@@ -182,7 +182,8 @@ def compare_at_measured(
     spot centres, targets by ``targets.normalize_counts`` over the model's panel), then
     ``training.evaluate_cached`` with the card's training mean as the baseline.
     """
-    from .training import evaluate_cached, prepare_section
+    from .evaluation import evaluate_cached
+    from .training import prepare_section
 
     section, column = with_symbols(section, card.genes)
     cached = yield from prepare_section(section, card.genes, card.mpp, cache_dir=cache_dir, allow_missing=True)

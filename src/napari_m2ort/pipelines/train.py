@@ -77,7 +77,8 @@ def evaluate(request: EvaluateRequest) -> Job[dict]:
     """Metrics of a trained model on the sections (a job returning the metrics dict, with
     ``sections`` and ``model`` added)."""
     from ..devices import resolve_device
-    from ..training import evaluate_cached, prepare_section
+    from ..evaluation import evaluate_cached
+    from ..training import prepare_section
     from ..tta import OUTPUT_RULE
 
     _check_sections(request.sections)
