@@ -82,3 +82,37 @@ def test_her2st_sample_layers_align():
 
     napari.layers.Image(img, **ikw)
     napari.layers.Points(pts, **pkw)
+
+
+def _join_pyramid_build():
+    import threading
+
+    for t in threading.enumerate():
+        if t.name == "m2ort-sample-pyramid":
+            t.join(timeout=300)
+
+
+def test_display_pyramid_cached_for_the_eye_only(tmp_path, monkeypatch):
+    """The first opening writes a tiled pyramid into the cache folder; later openings show
+    its tiles (same level shapes, nearly the same pixels), while the layer's path stays
+    the JPEG, which predictions and comparisons read."""
+    pytest.importorskip("napari_m2ort.io.slides")
+    monkeypatch.setenv("NAPARI_M2ORT_CACHE", str(tmp_path / "cache"))
+    first = sample_data.her2st_sample()
+    _join_pyramid_build()
+    written = list((tmp_path / "cache").glob("*.ome.tif"))
+    assert len(written) == 1 and not list((tmp_path / "cache").glob(".*part"))
+    (img0, kw0, _), _ = first
+    (img, kw, kind), _ = sample_data.her2st_sample()
+    assert kind == "image" and kw["metadata"]["display_pyramid"] == str(written[0])
+    assert kw["metadata"]["path"] == str(sample_data.sample_image_path())
+    assert "display_pyramid" not in kw0["metadata"]
+    assert [a.shape for a in img] == [a.shape for a in img0]
+    a = np.asarray(img[1][2000:2512, 2000:2512]).astype(int)
+    b = np.asarray(img0[1][2000:2512, 2000:2512]).astype(int)
+    assert np.abs(a - b).mean() < 3  # JPEG tiles at quality 90: the same picture
+
+    monkeypatch.setenv("NAPARI_M2ORT_CACHE", "off")
+    (img, kw, _), _ = sample_data.her2st_sample()
+    assert "display_pyramid" not in kw["metadata"]
+    assert sample_data.display_pyramid(0.69) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
@@ -167,6 +168,25 @@ def _open(request: PredictRequest):
     return request.slide, False
 
 
+def warm_up(slide) -> threading.Thread:
+    """Read one full-resolution pixel in a background thread.
+
+    A flat JPEG/PNG decodes whole on its first full-resolution read (about a second for
+    a 90-megapixel section), which the first batch's patches would otherwise wait for;
+    started before the tissue mask, the two overlap (the decode releases the GIL). For a
+    tiled slide it reads one tile. Errors are left to the real read, which reports them."""
+
+    def read():
+        try:
+            np.asarray(slide.levels[0][:1, :1])
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=read, name="m2ort-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:
     """Check the request, load the model and the slide, and lay out the spots (a job:
     it may find tissue).
@@ -198,6 +218,7 @@ def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:
         }
         mask = request.tissue_mask
         if request.tissue_only and mask is None:
+            warm_up(slide)  # full resolution decoded while the tissue is found
             yield Progress("prepare", 0, 1, "finding tissue")
             mask = tissue_mask(slide)
         spots = spots_for_slide(
