@@ -116,3 +116,23 @@ def test_display_pyramid_cached_for_the_eye_only(tmp_path, monkeypatch):
     (img, kw, _), _ = sample_data.her2st_sample()
     assert "display_pyramid" not in kw["metadata"]
     assert sample_data.display_pyramid(0.69) is None
+
+
+def test_sample_tissue_mask_found_while_it_opens():
+    """Opening the sample finds its tissue in the background; the first 'tissue only'
+    prediction then gets that mask (the same as spots.tissue_mask) without redoing it."""
+    import threading
+
+    from napari_m2ort.io.slides import open_slide
+    from napari_m2ort.pipelines.predict import slide_tissue_mask
+    from napari_m2ort.spots import tissue_mask
+
+    (_, ikw, _), _ = sample_data.her2st_sample()
+    for t in threading.enumerate():
+        if t.name == "m2ort-tissue-prefetch":
+            t.join(timeout=120)
+    slide = open_slide(ikw["metadata"]["path"], mpp=ikw["metadata"]["mpp"])
+    a, b = slide_tissue_mask(slide), slide_tissue_mask(slide)
+    assert a is b
+    fresh = tissue_mask(slide)
+    assert a.um_per_px == fresh.um_per_px and np.array_equal(a.mask, fresh.mask)

@@ -11,7 +11,8 @@ first opening also writes a tiled pyramidal OME-TIFF copy into the user's cache 
 (in the background, once; ``NAPARI_M2ORT_CACHE`` overrides the folder, ``off`` disables
 the copy), and later openings show that copy's tiles. It is for the eye only: the layer's
 ``path`` stays the JPEG, so predictions and "Predict at measured spots" read the original
-pixels, exactly as ``napari-m2ort predict``/``evaluate`` on the JPEG do.
+pixels, exactly as ``napari-m2ort predict``/``evaluate`` on the JPEG do. The tissue
+mask is found in the background as the sample opens, ready for the first prediction.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def her2st_sample() -> list[tuple]:
     """npe2 sample-data command: [multiscale H&E image, measured ST spots], both in µm."""
     section = sample_section()
     layers = section_layer_data(section)
+    from .pipelines.predict import prefetch_tissue_mask
+
+    prefetch_tissue_mask(section.image_path, section.mpp)  # ready by the first 'tissue only' click
     pyramid = display_pyramid(section.mpp)
     for i, (data, kwargs, kind) in enumerate(layers):
         kwargs.setdefault("metadata", {})["citation"] = SAMPLE_CITATION

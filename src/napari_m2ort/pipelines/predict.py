@@ -187,6 +187,76 @@ def warm_up(slide) -> threading.Thread:
     return thread
 
 
+class _Pending:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+
+
+_MASKS: dict = {}  # (file, size, mtime, µm/px) -> _Pending; the last few slides
+_MASKS_LOCK = threading.Lock()
+_MASKS_KEPT = 4
+
+
+def _mask_key(slide):
+    path = getattr(slide, "path", None)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, round(float(slide.mpp), 6))
+
+
+def slide_tissue_mask(slide):
+    """``spots.tissue_mask(slide)``, found once per slide file and pixel size in this
+    process: a second click, or a ``prefetch_tissue_mask`` started when the slide was
+    opened, finds it ready (or waits for the one in flight rather than redoing it)."""
+    from ..spots import tissue_mask
+
+    key = _mask_key(slide)
+    if key is None:
+        return tissue_mask(slide)
+    with _MASKS_LOCK:
+        entry = _MASKS.get(key)
+        owner = entry is None
+        if owner:
+            entry = _MASKS[key] = _Pending()
+            while len(_MASKS) > _MASKS_KEPT:
+                _MASKS.pop(next(iter(_MASKS)))
+    if not owner:
+        entry.done.wait()
+        return entry.value if entry.value is not None else tissue_mask(slide)
+    try:
+        entry.value = tissue_mask(slide)
+    except BaseException:
+        with _MASKS_LOCK:
+            _MASKS.pop(key, None)
+        raise
+    finally:
+        entry.done.set()
+    return entry.value
+
+
+def prefetch_tissue_mask(path, mpp: Optional[float] = None) -> threading.Thread:
+    """Find a slide's tissue in the background (e.g. while the user draws a region), so
+    the first 'tissue only' prediction does not wait for it. Errors are left to the
+    prediction, which reports them."""
+
+    def work():
+        from ..io.slides import open_slide
+
+        try:
+            slide_tissue_mask(open_slide(path, mpp=mpp, quiet=True))
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=work, name="m2ort-tissue-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
 def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:
     """Check the request, load the model and the slide, and lay out the spots (a job:
     it may find tissue).
@@ -198,7 +268,6 @@ def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:
     ``warnings.warn`` and are kept in ``plan.notes``."""
     from ..devices import resolve_device
     from ..patches import fov_um
-    from ..spots import tissue_mask
     from ..tta import n_views
     from .domain import check_resolution, colour_flags, flag_warning
 
@@ -220,7 +289,7 @@ def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:
         if request.tissue_only and mask is None:
             warm_up(slide)  # full resolution decoded while the tissue is found
             yield Progress("prepare", 0, 1, "finding tissue")
-            mask = tissue_mask(slide)
+            mask = slide_tissue_mask(slide)
         spots = spots_for_slide(
             slide, request.regions, request.layout, request.pitch_um, request.diameter_um, request.tissue_only,
             mask, max_spots=request.max_spots, size_hint=hint, notes=notes,
