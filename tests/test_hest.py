@@ -151,3 +151,15 @@ def test_missing_sample_names_what_is_there(hest_root, tmp_path):
     (bad / "metadata" / "X.json").write_text("{not json")
     with pytest.raises(M2ORTError, match="metadata as JSON"):
         read_hest(bad, "X")
+
+
+def test_cli_evaluates_hest_samples(hest_root, tmp_path, capsys):
+    from napari_m2ort.cli import main
+
+    out = tmp_path / "metrics.json"
+    rc = main(["evaluate", "--hest", str(hest_root), "--samples", SAMPLE, "--model", "bundled", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads(out.read_text())
+    assert m["n_spots"] > 150 and m["pcc_gene_mean"] is not None and np.isfinite(m["pcc_gene_mean"])
+    assert main(["evaluate", "--hest", str(hest_root), "--model", "bundled", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--samples" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

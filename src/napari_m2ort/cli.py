@@ -106,6 +106,8 @@ def _add_data_opts(p):
     g.add_argument("--sections", help="comma-separated section names under --her2st (e.g. C2,C3)")
     g.add_argument("--visium", action="append", default=[], help="Space Ranger output folder")
     g.add_argument("--h5ad", action="append", default=[], help=".h5ad with obsm['spatial'] (pair with --image)")
+    g.add_argument("--hest", metavar="DIR", help="root of HEST-1k data (st/, wsis/, metadata/)")
+    g.add_argument("--samples", metavar="ID[,ID]", help="comma-separated HEST-1k sample ids under --hest")
     g.add_argument("--mpp", type=float, metavar="UM_PER_PX", help="override µm per pixel of the images")
     p.add_argument("--cache", default=None, metavar="DIR", help="folder for cached patches (reused by later runs)")
 
@@ -336,6 +338,13 @@ def load_sections(args) -> list:
         if not (len(args.image) == len(args.counts) == len(args.spots)):
             raise M2ORTError("Give one --image, --counts and --spots per legacy ST section (in the same order).")
         sections += [st.read_legacy_st(i, c, s, mpp=args.mpp) for i, c, s in zip(args.image, args.counts, args.spots)]
+    if args.hest or args.samples:
+        ids = [s.strip() for s in (args.samples or "").split(",") if s.strip()]
+        if not (args.hest and ids):
+            raise M2ORTError(
+                "--hest needs --samples and --samples needs --hest, e.g. --hest DIR --samples TENX95,NCBI783"
+            )
+        sections += [st.read_hest(args.hest, i, mpp=args.mpp) for i in ids]
     for v in args.visium:
         sections.append(st.read_visium(v, mpp=args.mpp))
     if args.h5ad:
@@ -345,7 +354,9 @@ def load_sections(args) -> list:
         for k, h in enumerate(args.h5ad):
             sections.append(st.read_h5ad(h, image=images[k] if images else None, mpp=args.mpp))
     if not sections:
-        raise M2ORTError("No ST data given: use --her2st/--sections, --image/--counts/--spots, --visium or --h5ad.")
+        raise M2ORTError(
+            "No ST data given: use --her2st/--sections, --hest/--samples, --image/--counts/--spots, --visium or --h5ad."
+        )
     return sections
 
 
