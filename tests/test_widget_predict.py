@@ -231,6 +231,15 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     np.testing.assert_allclose(adata.obsm["spatial_um"], layer.data[:, ::-1])
     csv = widget.export_csv(tmp_path / "pred.csv")
     assert csv is not None and csv.read_text().count("\n") == len(layer.data) + 1
+    # the same structure as the CLI: images for scanpy, inference options, and a SpatialData store
+    lib = next(iter(adata.uns["spatial"]))
+    assert {"hires", "lowres"} <= set(adata.uns["spatial"][lib]["images"])
+    assert adata.uns["m2ort"]["smooth_um"] == widget.settings.smooth_um
+    import spatialdata
+
+    store = widget.export_zarr(tmp_path / "pred.zarr")
+    sdata = spatialdata.read_zarr(store)
+    assert next(iter(sdata.tables.values())).n_obs == len(layer.data) and len(sdata.images) == 1
 
     # screenshot: the tissue and the predicted colours are on the canvas
     widget.set_gene(card.genes[0])

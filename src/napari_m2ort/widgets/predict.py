@@ -96,7 +96,7 @@ class PredictWidget(QWidget):
                 "gene_combo cmap_combo clim_min clim_max clim_auto heatmap_check "
                 "compare_check flagged_check hover_label compare_label",
             ),
-            (self.export_panel, "export_h5ad_btn export_csv_btn clear_btn"),
+            (self.export_panel, "export_h5ad_btn export_csv_btn export_zarr_btn clear_btn"),
             (self.measured_panel, "predict_measured_btn summary_label gene_table"),
         ):
             for name in names.split():
@@ -115,6 +115,7 @@ class PredictWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self.export_h5ad_btn.clicked.connect(lambda: self.export_h5ad(None))
         self.export_csv_btn.clicked.connect(lambda: self.export_csv(None))
+        self.export_zarr_btn.clicked.connect(lambda: self.export_zarr(None))
         self.clear_btn.clicked.connect(self.clear_predictions)
         self.settings.events.slide.connect(self._on_slide_changed)
         self.settings.events.model.connect(self._update_buttons)
@@ -498,7 +499,7 @@ class PredictWidget(QWidget):
         if not path:
             return None
         try:
-            out = write_layer(layer, path, suffix)
+            out = write_layer(layer, path, suffix, slide=self._slide_of(layer))
         except M2ORTError as exc:
             self._fail(str(exc))
             return None
@@ -511,6 +512,24 @@ class PredictWidget(QWidget):
 
     def export_csv(self, path=None) -> Optional[Path]:
         return self._export(path, ".csv")
+
+    def export_zarr(self, path=None) -> Optional[Path]:
+        return self._export(path, ".zarr")
+
+    def _slide_of(self, layer):
+        """The slide a predictions layer lies on (for the images stored with it), or None."""
+        name = (layer.metadata or {}).get("slide")
+        slide_layer = next((lyr for lyr in L.slide_layers(self.viewer) if lyr.name == name), None)
+        slide_layer = slide_layer or self.slide_layer()
+        if slide_layer is None:
+            return None
+        try:
+            key, factory = self._slide_source(slide_layer)
+            if key not in self._slides:
+                self._slides[key] = factory()
+            return self._slides[key]
+        except M2ORTError:
+            return None
 
     def clear_predictions(self) -> None:
         layer = self.display.layer
