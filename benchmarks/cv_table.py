@@ -49,6 +49,21 @@ def recipe(rec: dict) -> str:
         text += f", colour jitter {rec['color_jitter']:g}"
     if rec.get("drop_path_rate"):
         text += f", drop path {rec['drop_path_rate']:g}"
+    if rec.get("batch_size", 32) != 32:
+        text += f", batch {rec['batch_size']}"
+    if rec.get("loss", "mse") != "mse":
+        text += f", loss {rec['loss']}"
+    if rec.get("geometry", "rotate") != "rotate":
+        text += f", {rec['geometry']} aug"
+    if rec.get("stain", "rgb") != "rgb" and rec.get("color_jitter"):
+        text += f", {rec['stain']} stain"
+    if rec.get("ema"):
+        text += f", EMA {rec['ema']:g}"
+    if rec.get("precision", "bf16") != "bf16":
+        text += f", {rec['precision']}"
+    extra = [s for s in rec.get("train_sections", []) if not s.startswith("C")]
+    if extra:
+        text += f", +{'+'.join(extra)}"
     return text
 
 
