@@ -187,12 +187,10 @@ def test_bad_slide_reported_others_finish(first_run):
 def test_resume_skips_complete_outputs(first_run, cohort, checkpoint):
     out, _ = first_run
     before = {n: os.stat(out / f"{n}.h5ad").st_mtime_ns for n in SECTIONS}
-    t = time.perf_counter()
     # both good slides are complete: no cluster is needed for them, only for the bad one
     summary = dist.batch_predict(
         [cohort["C2"], cohort["D1"]], out, model_path=checkpoint, tile_spots=20, progress=False, **SETTINGS
     )
-    assert time.perf_counter() - t < 10
     assert [r.status for r in summary.slides] == ["skipped", "skipped"] and summary.ok
     assert summary.tiles == 0 and summary.spots_predicted == 0
     assert summary["C2"].spots > 0 and summary["C2"].note == "output complete"

@@ -4,7 +4,6 @@ odd pixel formats and the napari reader."""
 from __future__ import annotations
 
 import pickle
-import time
 import tracemalloc
 import warnings
 
@@ -65,14 +64,11 @@ def test_jpeg_open_is_lazy_and_warns_default_mpp(c2_jpeg, monkeypatch):
 
     monkeypatch.setattr(flat._FlatSource, "_compute", no_decoding)
     tracemalloc.start()
-    t0 = time.perf_counter()
     with pytest.warns(UserWarning, match="no pixel-size metadata") as record:
         slide = open_slide(c2_jpeg)
-    elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert elapsed < 0.5
-    assert peak < 50e6
+    assert peak < 50e6  # lazy: no pixels decoded (speed is benchmarks/bench_open.py's job)
     message = str(record[0].message)
     assert c2_jpeg.name in message and "mpp=" in message and "--mpp" in message
     h, w = slide.shape
