@@ -5,8 +5,8 @@ Every file is copied byte for byte: the tests assert on whole sections (B4's 283
 the JPEGs saves under 10 %. Section C2 is not copied: it ships in the package
 (src/napari_m2ort/data/her2st_C2) and tests/conftest.py links it into the her2st fixture.
 
-    .venv/bin/python tests/data/make_fixtures.py [SOURCE]          # copy
-    .venv/bin/python tests/data/make_fixtures.py [SOURCE] --check  # compare only
+    .venv/bin/python scripts/make_test_fixtures.py [SOURCE]          # copy
+    .venv/bin/python scripts/make_test_fixtures.py [SOURCE] --check  # compare only
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "tests" / "data"  # where the fixtures live
 DEFAULT_SOURCE = HERE.parents[2] / "shared" / "data"
 
 FILES = [
