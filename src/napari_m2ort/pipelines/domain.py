@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import M2ORTError
+from .slide_cache import PerSlide
 
 REFUSE_COARSER = 4.0
 WARN_COARSER = 1.5
@@ -53,17 +54,19 @@ def check_resolution(slide_mpp: float, model_mpp: float, force: bool = False, na
     return None
 
 
-def colour_flags(slide, centers_um: np.ndarray, fov_um: float, max_px: int = 1024) -> np.ndarray:
-    """Per spot "ok", "blank" or "not-HE" from one thumbnail read (see the module rule)."""
-    centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
-    out = np.full(len(centers_um), "ok", dtype=object)
-    if len(centers_um) == 0:
-        return out
+_COLOUR = PerSlide(kept=4)  # the colour test's thumbnails of the last few slides
+
+
+def colour_inputs(slide, max_px: int = 1024) -> tuple[np.ndarray, np.ndarray, float]:
+    """(thumbnail RGB as float32, stained mask, µm per thumbnail pixel), read and masked
+    once per slide file (``slide_cache``): a prefetch makes the colour test instant."""
+    return _COLOUR.get(slide, lambda s: _colour_inputs(s, max_px), max_px)
+
+
+def _colour_inputs(slide, max_px: int) -> tuple[np.ndarray, np.ndarray, float]:
     thumb, down = slide.thumbnail(max_px)
     rgb = np.asarray(thumb)[..., :3].astype(np.float32)
     um_per_px = float(slide.mpp) * float(down)
-    h, w = rgb.shape[:2]
-    half = max(0.5, fov_um / um_per_px / 2)
     # "stained" is the tissue rule of the 'tissue only' option (saturation above an Otsu
     # threshold, not too dark or bright, cleaned): glass, even tinted glass with the ST
     # array's printed dots, falls outside it
@@ -75,6 +78,29 @@ def colour_flags(slide, centers_um: np.ndarray, fov_um: float, max_px: int = 102
         # so such tissue reads "not-HE" below rather than "blank"
         gray = rgb.mean(-1)
         stained = (gray >= 30) & (gray <= 220)
+    rgb.setflags(write=False)
+    stained.setflags(write=False)
+    return rgb, stained, um_per_px
+
+
+def colour_flags(slide, centers_um: np.ndarray, fov_um: float, max_px: int = 1024) -> np.ndarray:
+    """Per spot "ok", "blank" or "not-HE" from one thumbnail read (see the module rule)."""
+    centers_um = np.asarray(centers_um, dtype=float).reshape(-1, 2)
+    out = np.full(len(centers_um), "ok", dtype=object)
+    if len(centers_um) == 0:
+        return out
+    rgb, stained, um_per_px = colour_inputs(slide, max_px)
+    half = max(0.5, fov_um / um_per_px / 2)
+    # only the thumbnail's part under the spots (a region is a small part of a section)
+    cx, cy = centers_um[:, 0] / um_per_px, centers_um[:, 1] / um_per_px
+    h_all, w_all = rgb.shape[:2]
+    ox = int(np.clip(np.floor(cx.min() - half), 0, w_all))
+    oy = int(np.clip(np.floor(cy.min() - half), 0, h_all))
+    ex = int(np.clip(np.ceil(cx.max() + half) + 1, ox, w_all))
+    ey = int(np.clip(np.ceil(cy.max() + half) + 1, oy, h_all))
+    rgb, stained = rgb[oy:ey, ox:ex], stained[oy:ey, ox:ex]
+    cx, cy = cx - ox, cy - oy
+    h, w = rgb.shape[:2]
     mx, mn = rgb.max(-1), rgb.min(-1)
     sat = (mx - mn) / np.maximum(mx, 1.0)
     # integral images: each spot's sums in O(1)
@@ -87,7 +113,6 @@ def colour_flags(slide, centers_um: np.ndarray, fov_um: float, max_px: int = 102
             sat * stained,
         )
     ]
-    cx, cy = centers_um[:, 0] / um_per_px, centers_um[:, 1] / um_per_px
     x0 = np.clip(np.floor(cx - half), 0, w).astype(int)
     x1 = np.clip(np.ceil(cx + half), 0, w).astype(int)
     y0 = np.clip(np.floor(cy - half), 0, h).astype(int)

@@ -23,6 +23,7 @@ from ..progress import Job, Progress
 from . import checks
 from .models import read_model_card, resolve_model
 from .requests import PredictionPlan, PredictRequest, SlidePrediction
+from .slide_cache import PerSlide
 
 Rect = tuple[float, float, float, float]
 
@@ -187,68 +188,47 @@ def warm_up(slide) -> threading.Thread:
     return thread
 
 
-class _Pending:
-    def __init__(self):
-        self.done = threading.Event()
-        self.value = None
-
-
-_MASKS: dict = {}  # (file, size, mtime, µm/px) -> _Pending; the last few slides
-_MASKS_LOCK = threading.Lock()
-_MASKS_KEPT = 4
-
-
-def _mask_key(slide):
-    path = getattr(slide, "path", None)
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except (OSError, TypeError):
-        return None
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, round(float(slide.mpp), 6))
+_MASKS = PerSlide(kept=4)  # the tissue masks of the last few slides
 
 
 def slide_tissue_mask(slide):
     """``spots.tissue_mask(slide)``, found once per slide file and pixel size in this
-    process: a second click, or a ``prefetch_tissue_mask`` started when the slide was
-    opened, finds it ready (or waits for the one in flight rather than redoing it)."""
+    process: a second click, or a ``prefetch_slide`` started when the slide was opened,
+    finds it ready (or waits for the one in flight rather than redoing it)."""
     from ..spots import tissue_mask
 
-    key = _mask_key(slide)
-    if key is None:
-        return tissue_mask(slide)
-    with _MASKS_LOCK:
-        entry = _MASKS.get(key)
-        owner = entry is None
-        if owner:
-            entry = _MASKS[key] = _Pending()
-            while len(_MASKS) > _MASKS_KEPT:
-                _MASKS.pop(next(iter(_MASKS)))
-    if not owner:
-        entry.done.wait()
-        return entry.value if entry.value is not None else tissue_mask(slide)
-    try:
-        entry.value = tissue_mask(slide)
-    except BaseException:
-        with _MASKS_LOCK:
-            _MASKS.pop(key, None)
-        raise
-    finally:
-        entry.done.set()
-    return entry.value
+    return _MASKS.get(slide, tissue_mask)
+
+
+def prepare_slide(slide) -> None:
+    """Everything a first prediction on ``slide`` would wait for, done now: the
+    full-resolution decode of a flat image (kept while ``slide`` lives), the tissue mask
+    and the colour test's thumbnail. Called in a
+    background thread as a slide is opened or selected."""
+    import matplotlib.path  # noqa: F401  (laying out spots in a region: 0.2-0.5 s to import)
+
+    from .. import inference, patches  # noqa: F401
+    from .domain import colour_inputs
+
+    warm = warm_up(slide)
+    slide_tissue_mask(slide)
+    colour_inputs(slide)
+    warm.join()
 
 
 def prefetch_tissue_mask(path, mpp: Optional[float] = None) -> threading.Thread:
-    """Find a slide's tissue in the background (e.g. while the user draws a region), so
-    the first 'tissue only' prediction does not wait for it. Errors are left to the
-    prediction, which reports them."""
+    """Find a slide's tissue and its colour-test thumbnail in the background (e.g. while
+    the user draws a region), so the first 'tissue only' prediction does not wait for
+    them. Errors are left to the prediction, which reports them."""
 
     def work():
         from ..io.slides import open_slide
+        from .domain import colour_inputs
 
         try:
-            slide_tissue_mask(open_slide(path, mpp=mpp, quiet=True))
+            slide = open_slide(path, mpp=mpp, quiet=True)
+            slide_tissue_mask(slide)
+            colour_inputs(slide)
         except Exception:
             pass
 

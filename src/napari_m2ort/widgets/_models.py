@@ -93,6 +93,7 @@ class ModelCatalogue:
     def __init__(self) -> None:
         self.labels: dict[str, str] = {}
         self._loaded: dict[str, tuple] = {}
+        self._loading: dict[str, threading.Lock] = {}  # one load per spec at a time
         self._lock = threading.Lock()
 
     def add_bundled(self, label: str = "Bundled M2ORT-S (HER2+ breast)") -> Optional[str]:
@@ -128,18 +129,25 @@ class ModelCatalogue:
         return spec
 
     def load(self, spec: str):
-        """(model, card), loaded once; called from worker threads."""
+        """(model, card), loaded once; called from worker threads (a second caller waits
+        for a load in flight, e.g. the widget's preload, rather than loading again)."""
         with self._lock:
             hit = self._loaded.get(spec)
+            gate = self._loading.setdefault(spec, threading.Lock())
         if hit is not None:
             return hit
         if spec.startswith("memory:") or spec not in self.labels:
             raise M2ORTError("The selected model is no longer available; choose another one.")
         from ..pipelines import resolve_model
 
-        model, card = resolve_model(spec)
-        with self._lock:
-            self._loaded[spec] = (model, card)
+        with gate:
+            with self._lock:
+                hit = self._loaded.get(spec)
+            if hit is not None:
+                return hit
+            model, card = resolve_model(spec)
+            with self._lock:
+                self._loaded[spec] = (model, card)
         return model, card
 
     def card(self, spec: Optional[str]):

@@ -11,6 +11,7 @@ stable): the widget leaves out the ids its layers already hold.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,8 @@ class PredictWidget(QWidget):
         self.models = ModelCatalogue()
         self._slides: dict = {}  # (kind, path or layer id, mpp) -> open slide
         self._masks: dict = {}  # same keys -> spots.TissueMask
+        self._slides_lock = threading.Lock()
+        self._prepared: set = set()  # slide keys and model specs prepared in the background
         self._run: Optional[RunState] = None
         self.models.add_bundled()
         if self.settings.model is None and self.models.labels:
@@ -61,6 +64,7 @@ class PredictWidget(QWidget):
         self._refresh_layer_choices()
         register_predict_widget(self)
         L.prefer_plugin_writers()
+        self._prepare()
 
     # ================================================================== composition
     def _build(self) -> None:
@@ -119,6 +123,8 @@ class PredictWidget(QWidget):
         self.clear_btn.clicked.connect(self.clear_predictions)
         self.settings.events.slide.connect(self._on_slide_changed)
         self.settings.events.model.connect(self._update_buttons)
+        self.settings.events.model.connect(self._prepare)
+        self.settings.events.device.connect(self._prepare)
         self.display.events.layer.connect(self._update_buttons)
         ev = self.viewer.layers.events
         ev.inserted.connect(self._on_layers_changed)
@@ -172,6 +178,51 @@ class PredictWidget(QWidget):
             self.settings.mpp_source = ""
             return
         self.settings.mpp, self.settings.mpp_source = L.layer_mpp(layer)
+        self._prepare()
+
+    def _open_slide(self, key, factory):
+        """The one open slide per key (the worker and the background preparation share
+        it, and with it a flat image's decoded pixels)."""
+        with self._slides_lock:
+            slide = self._slides.get(key)
+            if slide is None:
+                slide = self._slides[key] = factory()
+            return slide
+
+    def _prepare(self, *_) -> None:
+        """Load and warm up the selected model and prepare the selected slide (decode,
+        tissue mask, colour thumbnail) in a background thread, while the user draws a
+        region: the first Predict then waits only for the model's forward passes. Errors
+        are left to Predict, which reports them."""
+        from ..pipelines.predict import prepare_slide
+
+        spec, layer = self.settings.model, self.slide_layer()
+        jobs = []
+        if spec is not None and ("model", spec, self.settings.device) not in self._prepared:
+            from ..inference import warm_up_model
+
+            self._prepared.add(("model", spec, self.settings.device))
+            device = self.settings.device
+            jobs.append(lambda: warm_up_model(self.models.load(spec)[0], device))
+        if layer is not None and (layer.metadata or {}).get("path"):
+            try:
+                key, factory = self._slide_source(layer)
+            except M2ORTError:
+                key = None
+            if key is not None and key not in self._prepared:
+                self._prepared.add(key)
+                jobs.append(lambda: prepare_slide(self._open_slide(key, factory)))
+        if not jobs:
+            return
+
+        def work():
+            for job in jobs:
+                try:
+                    job()
+                except Exception:
+                    pass
+
+        threading.Thread(target=work, name="m2ort-prepare", daemon=True).start()
 
     def _slide_mpp(self, layer) -> tuple[float, str]:
         """The layer's own pixel size, unless the user typed another one."""
@@ -327,16 +378,17 @@ class PredictWidget(QWidget):
             self._fail(str(exc))
             return None
         existing = L.predicted_ids(self.viewer, layer.name)
-        models, slides, masks = self.models, self._slides, self._masks
+        models, masks, open_cached = self.models, self._masks, self._open_slide
 
         def make_job(should_stop):
             from ..pipelines import plan_slide, run_plan
 
             yield Progress("prepare", 0, 1, "loading the model and slide")
-            if slide_key not in slides:
-                slides[slide_key] = open_slide()
             req = dataclasses.replace(
-                request, model=models.load(request.model), slide=slides[slide_key], tissue_mask=masks.get(slide_key)
+                request,
+                model=models.load(request.model),
+                slide=open_cached(slide_key, open_slide),
+                tissue_mask=masks.get(slide_key),
             )
             plan = yield from plan_slide(req)
             if plan.tissue_mask is not None:
@@ -524,10 +576,7 @@ class PredictWidget(QWidget):
         if slide_layer is None:
             return None
         try:
-            key, factory = self._slide_source(slide_layer)
-            if key not in self._slides:
-                self._slides[key] = factory()
-            return self._slides[key]
+            return self._open_slide(*self._slide_source(slide_layer))
         except M2ORTError:
             return None
 
