@@ -1,7 +1,11 @@
-"""Build the cross-validation table from benchmarks/results/cv_*.json.
+"""Build the cross-validation tables from benchmarks/results/cv_*.json.
 
-python benchmarks/cv_table.py            # print the markdown table
-python benchmarks/cv_table.py --readme   # also replace it in README.md between markers
+python benchmarks/cv_table.py            # print the markdown tables (the final recipe first)
+python benchmarks/cv_table.py --readme   # also replace them in README.md between markers
+
+The final-recipe table (tag FINAL_TAG) reads each fold's inference grid ("tta/smooth_um"
+keys), its uncertainty check and its fit on the training spots; it works with any subset
+of the four folds and says how many it has.
 """
 
 from __future__ import annotations
@@ -11,9 +15,17 @@ import json
 import re
 from pathlib import Path
 
+from napari_m2ort.targets import MARKERS
+from napari_m2ort.tta import DEFAULT_SMOOTH_UM, DEFAULT_TTA
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- cv-table:start -->", "<!-- cv-table:end -->"
+FINAL_START, FINAL_END = "<!-- cv-final:start -->", "<!-- cv-final:end -->"
+FINAL_TAG = "_r3_mse"
+FINAL_MODELS = ("m2ort_small", "resnet18")
+FOLDS = ("C2", "C3", "C4", "C5")
+DEFAULT_KEY = f"{DEFAULT_TTA}/{DEFAULT_SMOOTH_UM:g}"  # the shipped inference defaults
 LABELS = {
     "m2ort_small": "M2ORT-S",
     "resnet18": "ST-Net-style ResNet-18",
@@ -79,8 +91,8 @@ def complete(rows) -> tuple[list, list]:
     return full, partial
 
 
-def fmt(v):
-    return "–" if v is None else f"{v:.3f}"
+def fmt(v, digits: int = 3):
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def table(rows, with_folds: bool = True) -> str:
@@ -125,17 +137,167 @@ def tables(rows) -> str:
     return text
 
 
+# ---------------------------------------------------------------- the final recipe
+
+
+def mean(values):
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def tag_of(rec: dict) -> str:
+    """The run's tag; old files lack the field, so it comes from cv_<model><tag>_<fold>.json."""
+    if "tag" in rec:
+        return rec["tag"] or ""
+    stem = rec.get("_file", "")[3:-5]
+    return stem[len(rec["model"]) : -len(rec["fold"]) - 1] if stem.startswith(rec["model"]) else ""
+
+
+def grid(rec: dict, key: str) -> dict:
+    """Metrics at one "tta/smooth_um" setting; a file without that grid entry has it only
+    in "metrics" when those were measured at that setting (old files: none/0)."""
+    inference = rec.get("inference") or {}
+    if key in inference:
+        return inference[key]
+    m = rec.get("metrics") or {}
+    return m if f"{m.get('tta', 'none')}/{float(m.get('smooth_um') or 0):g}" == key else {}
+
+
+def uncertainty_key(rec: dict):
+    """Where the TTA-spread check is read: dihedral at the shipped smoothing, else raw
+    dihedral, else any key with TTA."""
+    u = rec.get("uncertainty") or {}
+    keys = (f"dihedral/{DEFAULT_SMOOTH_UM:g}", "dihedral/0", *sorted(k for k in u if not k.startswith("none/")))
+    return next((k for k in keys if k in u), None)
+
+
+def final_values(rec: dict) -> dict:
+    """One fold's numbers for the final table and the model card."""
+    per = (rec.get("fit") or {}).get("per_section") or {}
+    at = grid(rec, DEFAULT_KEY)
+    src = at if at.get("pcc_markers") else rec.get("metrics") or {}
+    ukey = uncertainty_key(rec)
+    return {
+        "raw": grid(rec, "none/0").get("pcc_gene_mean"),
+        "smoothed": grid(rec, "none/100").get("pcc_gene_mean"),
+        "tta": grid(rec, "dihedral/0").get("pcc_gene_mean"),
+        "tta_smoothed": grid(rec, "dihedral/100").get("pcc_gene_mean"),
+        "defaults": at.get("pcc_gene_mean"),
+        "markers_mean": src.get("pcc_markers_mean"),
+        "markers": dict(src.get("pcc_markers") or {}),
+        "uncertainty": ((rec.get("uncertainty") or {}).get(ukey) or {}).get("spearman_spot_gene"),
+        "uncertainty_key": ukey,
+        "fit_c": mean(v.get("pcc_gene_mean") for k, v in per.items() if k.startswith("C")),
+        "fit_b4": mean(v.get("pcc_gene_mean") for k, v in per.items() if k.split(":")[0] == "B4"),
+        "fit_sections": {k: v.get("pcc_gene_mean") for k, v in per.items()},
+        "best_epoch": rec.get("best_epoch"),
+        "seconds": rec.get("seconds"),
+    }
+
+
+NUMBERS = ("raw", "smoothed", "tta", "tta_smoothed", "defaults", "markers_mean", "uncertainty", "fit_c", "fit_b4")
+
+
+def final_mean(values: list) -> dict:
+    """Mean over folds of every number (a fold lacking one is left out of that mean)."""
+    out = {k: mean(v.get(k) for v in values) for k in (*NUMBERS, "best_epoch", "seconds")}
+    genes = list(dict.fromkeys(g for v in values for g in v["markers"]))
+    out["markers"] = {g: mean(v["markers"].get(g) for v in values) for g in genes}
+    return out
+
+
+def final_rows(rows, tag: str = FINAL_TAG) -> dict:
+    """model -> its runs with this tag, one per held-out fold, in fold order."""
+    return {
+        model: sorted((r for r in rows if r["model"] == model and tag_of(r) == tag), key=lambda r: r["fold"])
+        for model in FINAL_MODELS
+    }
+
+
+def final_table(rows, tag: str = FINAL_TAG) -> str:
+    runs = final_rows(rows, tag)
+    ukeys = sorted({k for rs in runs.values() for r in rs if (k := uncertainty_key(r))}) or ["–"]
+    cols = [
+        "PCC-gene raw (none/0)",
+        "smoothed σ100 µm (none/100)",
+        "dihedral TTA (dihedral/0)",
+        "TTA + smoothed (dihedral/100)",
+        f"markers mean PCC (shipped defaults, {DEFAULT_KEY})",
+        f"uncertainty Spearman spot-gene ({', '.join(ukeys)})",
+        "fit: mean PCC-gene on C training sections' own spots",
+        "fit on B4",
+        "best epoch",
+        "time (s)",
+    ]
+    keys = [k for k in NUMBERS if k != "defaults"]
+    recipes = "; ".join(f"{LABELS[m]}: {recipe(rs[0])}" for m, rs in runs.items() if rs)
+    lines = [
+        f"Final recipe `{tag}` ({recipes or 'no fold yet'}); shipped inference defaults: "
+        f"TTA {DEFAULT_TTA}, smoothing σ {DEFAULT_SMOOTH_UM:g} µm.",
+        "",
+        "| model | held-out section | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    means = []
+    for model, rs in runs.items():
+        values = [final_values(r) for r in rs]
+        for r, v in zip(rs, values):
+            lines.append(
+                f"| {LABELS[model]} | {r['fold']} | "
+                + " | ".join(fmt(v[k]) for k in keys)
+                + f" | {v['best_epoch'] if v['best_epoch'] is not None else '–'} | {fmt(v['seconds'], 0)} |"
+            )
+        m = final_mean(values)
+        folds = ", ".join(r["fold"] for r in rs)
+        where = f"{len(rs)} of 4 folds" + (f" ({folds})" if 0 < len(rs) < 4 else "")
+        cells = [bold(fmt(m[k])) for k in keys] + [bold(fmt(m["best_epoch"], 1)), bold(fmt(m["seconds"], 0))]
+        means.append(f"| **{LABELS[model]} mean** | {where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + means)
+
+
+def marker_table(rows, tag: str = FINAL_TAG) -> str:
+    """Mean over folds of each marker's PCC at the shipped inference defaults."""
+    runs = final_rows(rows, tag)
+    means = {m: final_mean([final_values(r) for r in rs])["markers"] for m, rs in runs.items()}
+    genes = list(dict.fromkeys([*MARKERS, *(g for ms in means.values() for g in ms)]))
+    head = [f"{LABELS[m]} ({len(rs)} of 4 folds)" for m, rs in runs.items()]
+    lines = [
+        f"Marker genes: PCC per gene at the shipped defaults ({DEFAULT_KEY}), mean over held-out folds:",
+        "",
+        "| gene | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(head),
+    ]
+    lines += [f"| {g} | " + " | ".join(fmt(means[m].get(g)) for m in runs) + " |" for g in genes]
+    mm = [mean(ms.values()) for ms in means.values()]
+    lines.append("| **mean** | " + " | ".join(bold(fmt(v)) for v in mm) + " |")
+    return "\n".join(lines)
+
+
+def bold(text: str) -> str:
+    return text if text == "–" else f"**{text}**"
+
+
+def final_tables(rows) -> str:
+    return final_table(rows) + "\n\n" + marker_table(rows)
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    """Put body between the markers (the text is unchanged when they are absent)."""
+    pattern = re.escape(start) + ".*?" + re.escape(end)
+    return re.sub(pattern, lambda _: start + "\n" + body + "\n" + end, text, flags=re.S)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--readme", action="store_true")
     args = p.parse_args()
-    text = tables(load())
-    print(text)
+    rows = load()
+    final, text = final_tables(rows), tables(rows)
+    print(final + "\n\n" + text)
     if args.readme:
         readme = ROOT / "README.md"
-        s = readme.read_text()
-        s = re.sub(re.escape(START) + ".*?" + re.escape(END), START + "\n" + text + "\n" + END, s, flags=re.S)
-        readme.write_text(s)
+        s = replace_between(readme.read_text(), FINAL_START, FINAL_END, final)
+        readme.write_text(replace_between(s, START, END, text))
 
 
 if __name__ == "__main__":

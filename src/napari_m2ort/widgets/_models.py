@@ -61,11 +61,28 @@ def model_name(card, spec: Optional[str] = None) -> str:
 
 
 def cross_validated_pcc(card) -> Optional[tuple[float, str]]:
-    """(PCC-gene mean over held-out sections, what it is) from the card's metrics, for the
-    recipe the card was trained with; None when the card has no cross-validation."""
+    """(PCC-gene mean over held-out sections, what it is) from the card's metrics; None
+    when the card has no cross-validation for its variant.
+
+    Cards released by scripts/release_bundled.py carry ``cross_validation``: per model the
+    folds of the final recipe and their mean at the shipped inference defaults.  Older
+    cards carry ``leave_one_section_out_cv_*`` per recipe; the one matching the card's
+    training command is used."""
     import re
 
     metrics = card.metrics or {}
+    cv = metrics.get("cross_validation") if isinstance(metrics.get("cross_validation"), dict) else {}
+    runs = cv.get(str(card.variant))
+    mean = runs.get("mean_over_folds") if isinstance(runs, dict) else None
+    if isinstance(mean, dict) and isinstance(mean.get("pcc_gene_mean_defaults"), (int, float)):
+        defaults = cv.get("inference_defaults") or {}
+        smooth = float(defaults.get("smooth_um") or 0)
+        tta = str(defaults.get("tta") or "none")
+        n = mean.get("n_folds")
+        where = "leave-one-section-out" + (f", {n} held-out sections" if n else "")
+        where += f", σ{smooth:g} µm smoothing" if smooth > 0 else ", no smoothing"
+        where += f", {tta} TTA" if tta != "none" else ""
+        return float(mean["pcc_gene_mean_defaults"]), where
     command = str(metrics.get("training_command", ""))
     lr = re.search(r"--lr\s+(\S+)", command)
     schedule = re.search(r"--schedule\s+(\S+)", command)
