@@ -43,6 +43,29 @@ def _refused(capsys, argv, written=()):
 PREDICT = ["predict", SLIDE, "--mpp", "0.69", "--device", "cpu"]
 
 
+def test_colour_flags_do_not_depend_on_the_other_spots(monkeypatch):
+    """The colour test reads one thumbnail per slide file (cached, so a prefetch makes it
+    instant) and judges each spot on the part of it under the spots asked about: a spot's
+    flag is the same asked alone, in a region, or with the whole section."""
+    from napari_m2ort.io.slides import open_slide
+    from napari_m2ort.pipelines import domain
+
+    slide = open_slide(SLIDE, mpp=0.69, quiet=True)
+    try:
+        h, w = slide.size_um
+        grid = np.stack(np.meshgrid(np.arange(-200, w + 200, 300.0), np.arange(-200, h + 200, 300.0)), -1)
+        grid = grid.reshape(-1, 2)
+        everything = domain.colour_flags(slide, grid, 155.0)
+        assert {"ok", "blank"} <= set(everything)
+        reads = []
+        monkeypatch.setattr(type(slide), "thumbnail", lambda *a, **k: reads.append(1) / 0)  # cached: never read
+        for part in (slice(0, 1), slice(40, 60), slice(len(grid) - 7, None)):
+            assert list(domain.colour_flags(slide, grid[part], 155.0)) == list(everything[part])
+        assert not reads
+    finally:
+        slide.close()
+
+
 @pytest.mark.parametrize(
     "extra, words",
     [

@@ -88,3 +88,36 @@ def test_bf16_autocast_close_to_fp32(slide, tiny):
     b = run_to_end(predict(slide, centers, model, card, device="cpu", precision="bf16"))
     rel = np.abs(a.values - b.values).max() / np.abs(a.values).max()
     assert rel < 1e-2
+
+
+def test_cpu_chunks_make_values_independent_of_batch_size(slide, tiny):
+    """On CPU every spot is computed in a chunk of CPU_CHUNK patches (the last padded), so
+    the batch size a caller picks (predict 64, evaluate, a GUI setting) cannot change a
+    value, and the model only ever sees one input shape."""
+    from napari_m2ort import inference
+
+    model, card = tiny
+    centers = _centers()
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        runs = [run_to_end(predict(slide, centers, model, card, device="cpu", batch_size=bs)) for bs in (3, 16, 37)]
+    finally:
+        hook.remove()
+    assert len(centers) % inference.CPU_CHUNK != 0  # the last chunk is padded
+    for other in runs[1:]:
+        assert np.array_equal(runs[0].values, other.values)
+    assert {s[0] for s in seen} == {inference.CPU_CHUNK}
+
+
+def test_warm_up_model_runs_one_blank_chunk(tiny):
+    from napari_m2ort import inference
+
+    model, _ = tiny
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        inference.warm_up_model(model, device="cpu")
+    finally:
+        hook.remove()
+    assert [s[0] for s in seen] == [inference.CPU_CHUNK]

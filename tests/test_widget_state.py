@@ -64,6 +64,34 @@ def test_model_catalogue_memory_models(tmp_path):
         cat.add_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_model_catalogue_loads_a_model_once_for_concurrent_callers(monkeypatch):
+    """The widget preloads the selected model in the background; a Predict clicked
+    meanwhile waits for that load instead of loading the weights a second time."""
+    import threading
+    import time
+
+    from napari_m2ort import pipelines
+    from napari_m2ort.widgets._models import ModelCatalogue
+
+    calls = []
+
+    def slow_resolve(spec):
+        calls.append(spec)
+        time.sleep(0.3)
+        return object(), object()
+
+    monkeypatch.setattr(pipelines, "resolve_model", slow_resolve)
+    cat = ModelCatalogue()
+    cat.labels["file:/x.safetensors"] = "x"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(cat.load("file:/x.safetensors"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["file:/x.safetensors"] and len(got) == 3 and len({id(g[0]) for g in got}) == 1
+
+
 def test_tuned_card_describes_its_own_training_only():
     import datetime as dt
     from types import SimpleNamespace
