@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_chunks import pad_rows, run_eager
+
 __all__ = ["compiled_forward", "is_compiled", "needs_compiling", "clear_cache", "decide", "AUTO_MIN_SPOTS"]
 
 # ``compile="auto"`` compiles CPU bf16 jobs of at least this many spots: the compile
@@ -136,11 +138,11 @@ class _Padded:
 
     def __call__(self, l1: torch.Tensor, l2: torch.Tensor, l3: torch.Tensor) -> torch.Tensor:
         if self.failed:
-            return self.model(l1, l2, l3)
+            return run_eager(self.model, l1, l2, l3)
         n = l1.shape[0]
         if n > self.batch_size:
             raise ValueError(f"compiled for batches of up to {self.batch_size} spots, got {n}")
-        padded = [_pad(x, self.batch_size) for x in (l1, l2, l3)]
+        padded = [pad_rows(x, self.batch_size) for x in (l1, l2, l3)]
         try:
             # Freezing is read whenever dynamo compiles: on the first call, and again after
             # a reset. Scoped to the call, so other compiled code is left as it was.
@@ -154,24 +156,9 @@ class _Padded:
                 "to use compilation on CPU.",
                 stacklevel=3,
             )
-            return self.model(l1, l2, l3)
+            return run_eager(self.model, l1, l2, l3)
         self.ran = True
         return out[:n]
-
-
-def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x`` padded to ``rows`` by repeating its last row, with ``x``'s memory layout
-    (compiled code is specialised to strides too: a changed layout would recompile)."""
-    n = x.shape[0]
-    if n == rows:
-        return x
-    fmt = torch.contiguous_format
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        fmt = torch.channels_last
-    out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
-    out[:n] = x
-    out[n:] = x[-1:]
-    return out
 
 
 def _first_line(exc: BaseException) -> str:

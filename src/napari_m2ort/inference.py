@@ -9,6 +9,7 @@ imagecodecs), so both cores stay busy.  Stopping between batches returns a parti
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .compiled import compiled_forward, decide, is_compiled, needs_compiling
+from .cpu_chunks import CPU_CHUNK, run_eager
 from .devices import resolve_device, resolve_precision
 from .errors import M2ORTError
 from .patches import PATCH_PX, model_inputs, sample_spots, spatial_order
@@ -214,33 +216,6 @@ def forward_views(model, level1_uint8, dev, amp=None, tta: str = "none"):
     return outs.mean(axis=0), outs.std(axis=0)
 
 
-#: On CPU an eager model sees chunks of exactly this many patches, the last one padded
-#: with blank patches. oneDNN builds its kernels per input shape, and a shape's first
-#: forward costs 0.1-0.7 s more (measured on the 2-core machine, bf16): with one shape the
-#: first Predict pays that once, or never after ``warm_up_model``. 16 patches per chunk
-#: run as fast per spot as 64 there, and every path (predict, evaluate, validation)
-#: computes each spot in the same chunk shape whatever its batch size.
-CPU_CHUNK = 16
-
-
-def forward_batch(model, level1_uint8, dev, amp=None) -> np.ndarray:
-    """``model``: the module or any callable with its forward's signature."""
-    n = len(level1_uint8)
-    if dev.type != "cpu" or not isinstance(model, torch.nn.Module) or n == CPU_CHUNK:
-        return _forward_once(model, level1_uint8, dev, amp)
-    patches = np.asarray(level1_uint8)
-    outs = []
-    for i in range(0, n, CPU_CHUNK):
-        chunk = patches[i : i + CPU_CHUNK]
-        k = len(chunk)
-        if k < CPU_CHUNK:
-            chunk = np.concatenate([chunk, np.zeros((CPU_CHUNK - k, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(_forward_once(model, chunk, dev, amp)[:k])
-    if not outs:
-        return _forward_once(model, patches, dev, amp)
-    return np.concatenate(outs, axis=0)
-
-
 def warm_up_model(model, device: str = "auto", precision: str = "auto") -> None:
     """One forward of a blank chunk, so the first real batch does not pay for building
     kernels (about 1 s on the 2-core CPU). For a background thread while the user draws."""
@@ -251,13 +226,16 @@ def warm_up_model(model, device: str = "auto", precision: str = "auto") -> None:
 
 
 @torch.inference_mode()
-def _forward_once(model, level1_uint8, dev, amp=None) -> np.ndarray:
+def forward_batch(model, level1_uint8, dev, amp=None) -> np.ndarray:
+    """``model``: the module or any callable with its forward's signature. An eager
+    module runs on CPU in fixed-size chunks (``cpu_chunks``)."""
     l1, l2, l3 = model_inputs(level1_uint8, device=dev)
+    call = model if not isinstance(model, torch.nn.Module) else functools.partial(run_eager, model)
     if amp is not None:
         with torch.autocast(device_type=dev.type, dtype=amp):
-            y = model(l1, l2, l3)
+            y = call(l1, l2, l3)
     else:
-        y = model(l1, l2, l3)
+        y = call(l1, l2, l3)
     out = y.float().cpu().numpy()
     if not np.isfinite(out).all():
         raise M2ORTError(

@@ -183,9 +183,9 @@ def warm_up(slide) -> threading.Thread:
         except Exception:
             pass
 
-    thread = threading.Thread(target=read, name="m2ort-warm-up", daemon=True)
-    thread.start()
-    return thread
+    from ..background import start
+
+    return start(read, "m2ort-warm-up")
 
 
 _MASKS = PerSlide(kept=4)  # the tissue masks of the last few slides
@@ -208,11 +208,14 @@ def prepare_slide(slide) -> None:
     import matplotlib.path  # noqa: F401  (laying out spots in a region: 0.2-0.5 s to import)
 
     from .. import inference, patches  # noqa: F401
+    from ..background import stopping
     from .domain import colour_inputs
 
     warm = warm_up(slide)
-    slide_tissue_mask(slide)
-    colour_inputs(slide)
+    if not stopping():
+        slide_tissue_mask(slide)
+    if not stopping():
+        colour_inputs(slide)
     warm.join()
 
 
@@ -222,19 +225,21 @@ def prefetch_tissue_mask(path, mpp: Optional[float] = None) -> threading.Thread:
     them. Errors are left to the prediction, which reports them."""
 
     def work():
+        from ..background import stopping
         from ..io.slides import open_slide
         from .domain import colour_inputs
 
         try:
             slide = open_slide(path, mpp=mpp, quiet=True)
             slide_tissue_mask(slide)
-            colour_inputs(slide)
+            if not stopping():
+                colour_inputs(slide)
         except Exception:
             pass
 
-    thread = threading.Thread(target=work, name="m2ort-tissue-prefetch", daemon=True)
-    thread.start()
-    return thread
+    from ..background import start
+
+    return start(work, "m2ort-tissue-prefetch")
 
 
 def plan_slide(request: PredictRequest) -> Job[PredictionPlan]:

@@ -215,14 +215,18 @@ class PredictWidget(QWidget):
         if not jobs:
             return
 
+        from ..background import start, stopping
+
         def work():
             for job in jobs:
+                if stopping():
+                    return
                 try:
                     job()
                 except Exception:
                     pass
 
-        threading.Thread(target=work, name="m2ort-prepare", daemon=True).start()
+        start(work, "m2ort-prepare")
 
     def _slide_mpp(self, layer) -> tuple[float, str]:
         """The layer's own pixel size, unless the user typed another one."""
