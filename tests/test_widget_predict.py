@@ -9,6 +9,7 @@ the GUI path does not depend on what the weights predict.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +429,54 @@ def test_errors_are_notified(make_napari_viewer, qtbot, model_path, errors):
     # the viewer is still usable and nothing is half-done
     assert widget.predict_regions_btn.isEnabled()
     assert widget.export_h5ad(None) is None
+
+
+def test_activity_bar_only_for_long_jobs(qtbot, monkeypatch):
+    """napari's activity bar relayouts the main window when made and re-described: a job
+    over in seconds never gets one, a long one gets it with the current state."""
+    from napari_m2ort.progress import Progress
+    from napari_m2ort.widgets import _workers
+
+    made = []
+
+    class Bar:
+        def __init__(self, total=0, desc=""):
+            self.total, self.n, self.desc = total, 0, desc
+            made.append(self)
+
+        def set_description(self, desc):
+            self.desc = desc
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(_workers, "napari_progress", Bar)
+    seen = []
+
+    def quick(should_stop):
+        yield Progress("predict", 1, 2)
+        yield Progress("predict", 2, 2)
+        return "done"
+
+    handle = _workers.start_job(quick, desc="quick", on_progress=seen.append, activity_delay_ms=60_000)
+    qtbot.waitUntil(lambda: handle.finished, timeout=10_000)
+    assert handle.result == "done" and [e.done for e in seen] == [1, 2] and not made
+
+    gate = threading.Event()
+
+    def slow(should_stop):
+        yield Progress("predict", 1, 4)
+        gate.wait(10)
+        yield Progress("predict", 4, 4)
+        return "done"
+
+    handle = _workers.start_job(slow, desc="slow", activity_delay_ms=50)
+    qtbot.waitUntil(lambda: len(made) == 1, timeout=10_000)
+    qtbot.waitUntil(lambda: made[0].n == 1, timeout=10_000)  # shown with the state so far
+    assert made[0].total == 4 and made[0].desc == "slow: predict"
+    gate.set()
+    qtbot.waitUntil(lambda: handle.finished, timeout=10_000)
+    assert made[0].n == 4 and handle.pbar is None
