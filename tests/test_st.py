@@ -1,4 +1,6 @@
-"""ST readers on the real data in ../shared/data, and on corrupted copies of it."""
+"""ST readers on real data (tests/data: unchanged copies of files from ../shared/data; the
+``shared_data`` fixture reads ../shared only when M2ORT_SHARED_DATA names it), and on
+corrupted copies of it."""
 
 from __future__ import annotations
 

@@ -200,40 +200,36 @@ def slide_tissue_mask(slide):
     return _MASKS.get(slide, tissue_mask)
 
 
-def prepare_slide(slide) -> None:
+def prepare_slide(slide, decode: bool = True) -> None:
     """Everything a first prediction on ``slide`` would wait for, done now: the
-    full-resolution decode of a flat image (kept while ``slide`` lives), the tissue mask
-    and the colour test's thumbnail. Called in a
-    background thread as a slide is opened or selected."""
+    full-resolution decode of a flat image (kept while ``slide`` lives; ``decode``), the
+    tissue mask and the colour test's thumbnail. Called in a background thread as a
+    slide is opened or selected."""
     import matplotlib.path  # noqa: F401  (laying out spots in a region: 0.2-0.5 s to import)
 
     from .. import inference, patches  # noqa: F401
     from ..background import stopping
     from .domain import colour_inputs
 
-    warm = warm_up(slide)
+    warm = warm_up(slide) if decode else None
     if not stopping():
         slide_tissue_mask(slide)
     if not stopping():
         colour_inputs(slide)
-    warm.join()
+    if warm is not None:
+        warm.join()
 
 
 def prefetch_tissue_mask(path, mpp: Optional[float] = None) -> threading.Thread:
-    """Find a slide's tissue and its colour-test thumbnail in the background (e.g. while
-    the user draws a region), so the first 'tissue only' prediction does not wait for
-    them. Errors are left to the prediction, which reports them."""
+    """``prepare_slide`` of a slide file in the background (e.g. while the user draws a
+    region), without the decode: nothing keeps this slide open afterwards. Errors are
+    left to the prediction, which reports them."""
 
     def work():
-        from ..background import stopping
         from ..io.slides import open_slide
-        from .domain import colour_inputs
 
         try:
-            slide = open_slide(path, mpp=mpp, quiet=True)
-            slide_tissue_mask(slide)
-            if not stopping():
-                colour_inputs(slide)
+            prepare_slide(open_slide(path, mpp=mpp, quiet=True), decode=False)
         except Exception:
             pass
 
