@@ -87,6 +87,7 @@ def model_only(widget, layer) -> tuple[float, float]:
     from napari_m2ort.inference import forward_views
     from napari_m2ort.io.slides import open_slide
     from napari_m2ort.patches import sample_spots, spatial_order
+    from napari_m2ort.widgets.predict import FIRST_BATCH
 
     s = widget.settings
     model, card = widget.models.load(s.model)
@@ -99,10 +100,14 @@ def model_only(widget, layer) -> tuple[float, float]:
     level1 = sample_spots(slide, xy, card.mpp).level1
     model = model.to(dev).eval()
     bs = int(s.batch_size)
+    head = min(FIRST_BATCH, bs, len(level1))  # the widget's batches: a small first one
+    bounds = [0, head] + list(range(head + bs, len(level1), bs)) + [len(level1)]
     times = []
-    for i in range(0, len(level1), bs):
+    for i, j in zip(bounds[:-1], bounds[1:]):
+        if j <= i:
+            continue
         t = time.perf_counter()
-        forward_views(model, level1[i : i + bs], dev, amp, s.tta)
+        forward_views(model, level1[i:j], dev, amp, s.tta)
         times.append(time.perf_counter() - t)
     return float(sum(times)), float(times[0]) if times else float("nan")
 

@@ -110,6 +110,26 @@ def test_cpu_chunks_make_values_independent_of_batch_size(slide, tiny):
     assert {s[0] for s in seen} == {inference.CPU_CHUNK}
 
 
+def test_first_batch_is_smaller_and_changes_no_value(slide, tiny):
+    """The widget asks for a small first batch (first colours sooner); the batches that
+    follow keep the batch size, and the values are those of a plain run."""
+    model, card = tiny
+    centers = _centers()
+    plain = run_to_end(predict(slide, centers, model, card, device="cpu", batch_size=8))
+    sizes = []
+    job = predict(slide, centers, model, card, device="cpu", batch_size=8, first_batch=3)
+    try:
+        while True:
+            ev = next(job)
+            if ev.data and "indices" in ev.data:
+                sizes.append(len(ev.data["indices"]))
+    except StopIteration as stop:
+        quick = stop.value
+    n = len(centers)
+    assert sizes[0] == 3 and all(s == 8 for s in sizes[1:-1]) and sum(sizes) == n
+    assert np.array_equal(plain.values, quick.values)
+
+
 def test_warm_up_model_runs_one_blank_chunk(tiny):
     from napari_m2ort import inference
 

@@ -291,6 +291,37 @@ def test_cancel_keeps_partial_predictions(make_napari_viewer, qtbot, model_path)
     assert widget.predict_regions_btn.isEnabled() and not widget.cancel_btn.isEnabled()
 
 
+def test_batches_are_drawn_together_not_one_by_one(make_napari_viewer, qtbot, model_path, monkeypatch):
+    """Every redraw costs the UI thread (and so the model) time: the first batch is drawn
+    as it arrives, later ones together at most every REDRAW_S, and the last with the
+    result; nothing received is left undrawn."""
+    from napari_m2ort.widgets import predict as P
+
+    monkeypatch.setattr(P, "REDRAW_S", 1e9)
+    viewer = make_napari_viewer()
+    _sample(viewer)
+    widget = _dock(viewer, model_path)
+    widget.batch_spin.setValue(2)
+    shapes = widget.add_regions_layer()
+    shapes.add_rectangles(np.array([[3600.0, 3400.0], [3900.0, 3700.0]]))
+    drawn = []
+    real = widget._draw_pending
+
+    def spy(**kw):
+        real(**kw)
+        layer = widget._run.layer
+        drawn.append(0 if layer is None else len(layer.data))
+
+    monkeypatch.setattr(widget, "_draw_pending", spy)
+    widget.predict_regions()
+    _wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    n = widget.last_run["n_spots"]
+    assert n > 4  # several batches of 2
+    assert drawn[0] == 2 and drawn[-1] == n == len(widget.predictions_layer().data)
+    assert len(set(drawn)) == 2  # the first batch, then everything with the result
+
+
 def _predict_300um_view(make_napari_viewer, qtbot, model_path):
     """The sample slide, the widget, and a prediction of a 300 µm wide view of tissue."""
     viewer = make_napari_viewer()

@@ -147,6 +147,7 @@ def predict_spots(
     smooth_um: float = 0.0,
     should_stop: Optional[Callable[[], bool]] = None,
     job_spots: Optional[int] = None,
+    first_batch: Optional[int] = None,
 ):
     """``inference.predict`` with the request's inference options (a job).
 
@@ -157,6 +158,7 @@ def predict_spots(
     return predict(
         slide, centers_um, model, card, device=device, batch_size=batch_size, precision=precision,
         should_stop=should_stop, compile=compile, job_spots=job_spots, tta=tta, smooth_um=smooth_um,
+        first_batch=first_batch,
     )  # fmt: skip
 
 
@@ -309,6 +311,7 @@ def run_plan(
         device=request.device,
         precision=request.precision,
         batch_size=request.batch_size,
+        first_batch=request.first_batch,
         compile=request.compile,
         tta=request.tta,
         smooth_um=request.smooth_um,

@@ -46,7 +46,8 @@ class PredictRequest:
     ``inference.predict`` (the front doors offer ``tta.DEFAULT_TTA`` /
     ``DEFAULT_SMOOTH_UM``). ``max_spots``: the size budget (``checks.MAX_SPOTS``), checked
     before any spot is laid out. ``force``: predict on a slide far coarser than the
-    model's resolution anyway (see ``domain``).
+    model's resolution anyway (see ``domain``). ``first_batch``: a smaller first batch,
+    so that a viewer shows the first colours after a fraction of the model's time.
     """
 
     slide: Any
@@ -60,6 +61,7 @@ class PredictRequest:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 64
+    first_batch: Optional[int] = None
     compile: Union[bool, str] = "auto"
     tta: str = "none"
     smooth_um: float = 0.0

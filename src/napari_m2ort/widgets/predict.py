@@ -35,6 +35,9 @@ from .panels.measured import AtMeasured, MeasuredPanel
 from .panels.run import RunPanel
 from .state import DisplayState, PredictSettings, RunState, RunSummary
 
+REDRAW_S = 1.5  # seconds between drawing the spots received since the last draw
+FIRST_BATCH = 16  # spots in the first batch: first colours after a quarter of a 64-spot batch
+
 __all__ = ["BUNDLED", "LAYOUT_CHOICES", "PredictWidget"]
 
 
@@ -45,6 +48,7 @@ class PredictWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.job = None  # _workers.JobHandle of the running/last prediction
+        self._compare_stale = False  # a redraw during a run left the comparison line behind
         self._jobs = cancel_on_destroy(self)
         self.last_error: Optional[str] = None
         self.last_run: Mapping = {}
@@ -361,6 +365,7 @@ class PredictWidget(QWidget):
             tissue_only=s.tissue_only or what == "tissue",
             device=s.device,
             batch_size=int(s.batch_size),
+            first_batch=FIRST_BATCH,
             compile="on" if s.compile else "auto",
             tta=s.tta,
             smooth_um=float(s.smooth_um),
@@ -452,26 +457,44 @@ class PredictWidget(QWidget):
             return
         self.run_panel.progress(ev.done, ev.total)
         self.status.setText(f"Predicting: {ev.message}")
+        if not ev.data or "indices" not in ev.data:
+            return
+        run.pending.append((np.asarray(ev.data["indices"]), ev.data["values"]))
+        last = ev.total is not None and ev.done >= ev.total  # the result follows at once: draw then
+        since = time.perf_counter() - run.t_drawn if run.t_drawn is not None else None
+        if not last and (since is None or since >= REDRAW_S):
+            self._draw_pending()
+
+    def _draw_pending(self, recolour: bool = True) -> None:
+        """Put the batches received since the last draw on the layer and recolour it once.
+
+        Each redraw costs the UI thread 0.2-0.4 s of software OpenGL here (and napari's
+        per-property recolouring), time the model thread loses on a small machine, so the
+        first batch is drawn at once and later ones at most every ``REDRAW_S``."""
+        run = self._run
+        pending, run.pending = run.pending, []
         layer = run.layer
-        if not ev.data or "indices" not in ev.data or layer is None or layer not in self.viewer.layers:
+        if not pending or layer is None or layer not in self.viewer.layers:
             return  # (the user may have removed the layer mid-run)
-        idx = np.asarray(ev.data["indices"])
+        idx = np.concatenate([i for i, _ in pending])
+        values = np.concatenate([np.asarray(v) for _, v in pending], axis=0)
         spots = run.spots
         shown = _same(layer, self.display.layer)  # then the display recolours it just after
-        gene = None if shown else self.current_gene() or default_gene(list(layer.features.columns))
+        gene = None if shown or not recolour else self.current_gene() or default_gene(list(layer.features.columns))
         flags = None if run.colour is None else np.asarray(run.colour)[idx]
         L.append_spots(
-            layer, spots.centers_um[idx][:, ::-1], ev.data["values"], spots.ids[idx], spots.diameter_um, gene,
-            flags=flags,
+            layer, spots.centers_um[idx][:, ::-1], values, spots.ids[idx], spots.diameter_um, gene, flags=flags,
         )  # fmt: skip
         run.n_done = len(layer.data)
+        run.t_drawn = time.perf_counter()
         if run.t_first is None:
-            run.t_first = time.perf_counter() - run.t0
-        if shown:
+            run.t_first = run.t_drawn - run.t0
+        if shown and recolour:
             self.renderer.refresh()
 
     def _on_done(self, result) -> None:
         run = self._run
+        self._draw_pending(recolour=False)  # recoloured below, with the final values
         seconds = time.perf_counter() - run.t0
         pred = result.prediction
         if pred is None:
@@ -496,6 +519,8 @@ class PredictWidget(QWidget):
                 run.layer, [str(i) for i in np.asarray(result.spots.ids)[done]], pred.values[done],
                 None if pred.uncertainty is None else pred.uncertainty[done], info,
             )  # fmt: skip
+            if not _same(run.layer, self.display.layer):  # (the display recolours its own below)
+                L.color_by(run.layer, self.current_gene() or default_gene(list(run.layer.features.columns)))
         skipped = f", {summary.skipped} already predicted" if summary.skipped else ""
         if summary.stopped:
             msg = f"Stopped: kept {summary.n_spots} of {summary.n_requested} spots ({seconds:.1f} s){skipped}."
@@ -508,12 +533,16 @@ class PredictWidget(QWidget):
         self.renderer.refresh()
 
     def _on_failed(self, exc: BaseException) -> None:
+        if self._run is not None:
+            self._draw_pending()  # what was predicted before the failure is kept
         self.last_error = str(exc)
         self.status.setText(f"⚠ {exc}")
 
     def _on_finished(self) -> None:
         self.run_panel.idle()
         self._update_buttons()
+        if self._compare_stale:
+            self._compare_update()
 
     def _update_buttons(self, *_) -> None:
         busy = self.running
@@ -543,6 +572,13 @@ class PredictWidget(QWidget):
         return self.comparison.measured_layer()
 
     def _compare_update(self) -> None:
+        """The comparison line follows every redraw, but not while spots still stream in:
+        a partial comparison would be replaced within seconds, and converting the measured
+        spots to the model's scale the first time costs the UI thread 0.2-0.4 s."""
+        if self.running:
+            self._compare_stale = True
+            return
+        self._compare_stale = False
         self.comparison.update()
 
     # ================================================================== export

@@ -68,6 +68,8 @@ class RunState:
     layer: Any = None  # the predictions layer receiving this run's spots
     colour: Any = None  # per planned spot colour-test flag (pipelines.domain)
     n_done: int = 0
+    pending: list = field(default_factory=list)  # (indices, values) received, not drawn yet
+    t_drawn: Optional[float] = None  # perf_counter of the last draw
 
 
 @dataclass(frozen=True)
