@@ -10,31 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_genes import SAMPLE_GENES
 
 pytestmark = pytest.mark.gui
-
-SAMPLE_GENES = (
-    "IGKC",
-    "IGLC2",
-    "ERBB2",
-    "IGHG3",
-    "TMSB10",
-    "PSMB3",
-    "IGHA1",
-    "MUCL1",
-    "ACTG1",
-    "TFF3",
-    "ACTB",
-    "SERF2",
-    "PPP1R1B",
-    "IGHM",
-    "MUC6",
-    "PSMD3",
-    "PFN1",
-    "MIEN1",
-    "MGP",
-    "DDX5",
-)
 
 
 def _demo_command(out: Path, tmp: Path) -> list[str]:

@@ -12,33 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_genes import SAMPLE_GENES
 
 pytestmark = pytest.mark.gui
 
 SHOTS = Path("/tmp/m2ort_shots")
 TIMEOUT_MS = 240_000
-SAMPLE_GENES = (
-    "IGKC",
-    "IGLC2",
-    "ERBB2",
-    "IGHG3",
-    "TMSB10",
-    "PSMB3",
-    "IGHA1",
-    "MUCL1",
-    "ACTG1",
-    "TFF3",
-    "ACTB",
-    "SERF2",
-    "PPP1R1B",
-    "IGHM",
-    "MUC6",
-    "PSMD3",
-    "PFN1",
-    "MIEN1",
-    "MGP",
-    "DDX5",
-)
+
 # about 50 measured spots of C2 (x0, y0, x1, y1 in µm): 29 train / 20 validation by blocks
 TRAIN_RECT = (3000.0, 3400.0, 4400.0, 4800.0)
 
