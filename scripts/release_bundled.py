@@ -1,7 +1,7 @@
 """Make a trained checkpoint the bundled model (the one deliberate way to replace it).
 
 Copies the weights as fp16 into the package, writes into the model card's metrics the
-cross-validation of the final recipe (benchmarks/results/cv_<model>_r3_mse_<fold>.json,
+cross-validation of the final recipe (benchmarks/results/cv_<model><FINAL_TAG>_<fold>.json,
 read through benchmarks/cv_table.py), the checkpoint's own validation and fit, the marker
 genes and the shipped inference defaults, and writes the card next to the weights as
 MODEL_CARD.json for people who do not load the file.

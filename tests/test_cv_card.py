@@ -38,7 +38,7 @@ def _grid_entry(pcc: float, markers: float) -> dict:
     }
 
 
-def _record(model: str, fold: str, base: float, tag: str = "_r3_mse") -> dict:
+def _record(model: str, fold: str, base: float, tag: str) -> dict:
     """One cv_her2st.py result with the fields the tables read; numbers derived from base."""
     train = [s for s in ("C2", "C3", "C4", "C5") if s != fold] + ["B4"]
     inference = {
@@ -70,11 +70,12 @@ BASES = {("m2ort_small", "C2"): 0.20, ("m2ort_small", "C3"): 0.26, ("m2ort_small
 
 @pytest.fixture
 def results(tmp_path, monkeypatch, cv_table):
+    tag = cv_table.FINAL_TAG
     for (model, fold), base in BASES.items():
-        (tmp_path / f"cv_{model}_r3_mse_{fold}.json").write_text(json.dumps(_record(model, fold, base)))
+        (tmp_path / f"cv_{model}{tag}_{fold}.json").write_text(json.dumps(_record(model, fold, base, tag)))
     # another recipe of the same model must not enter the final table
-    (tmp_path / "cv_m2ort_small_r3_mse_long_C4.json").write_text(
-        json.dumps(_record("m2ort_small", "C4", 0.9, tag="_r3_mse_long"))
+    (tmp_path / f"cv_m2ort_small{tag}_long_C4.json").write_text(
+        json.dumps(_record("m2ort_small", "C4", 0.9, tag=f"{tag}_long"))
     )
     monkeypatch.setattr(cv_table, "RESULTS", tmp_path)
     return cv_table.load()
@@ -102,14 +103,14 @@ def test_final_table_mean_row_is_mean_of_folds(cv_table, results):
     assert float(mean_row[9]) == pytest.approx(sum(m) / 3 + 0.2, abs=1e-3)
     resnet = _cells(next(x for x in lines if x.startswith("| **ST-Net-style ResNet-18 mean**")))
     assert resnet[1] == "1 of 4 folds (C4)" and float(resnet[2]) == pytest.approx(0.3)
-    assert "0.900" not in text  # the _r3_mse_long run stays out
+    assert "0.900" not in text  # the <FINAL_TAG>_long run stays out
     markers = cv_table.marker_table(results)
     erbb2 = _cells(next(x for x in markers.splitlines() if x.startswith("| ERBB2 |")))
     assert float(erbb2[1]) == pytest.approx(sum(m) / 3 + 0.02, abs=1e-3)  # none/100's markers
 
 
 def test_final_table_with_all_folds_and_readme(cv_table, results):
-    rows = results + [_record("m2ort_small", "C4", 0.25)]
+    rows = results + [_record("m2ort_small", "C4", 0.25, cv_table.FINAL_TAG)]
     mean_row = next(x for x in cv_table.final_table(rows).splitlines() if x.startswith("| **M2ORT-S mean**"))
     assert _cells(mean_row)[1] == "4 of 4 folds"
     readme = "a\n<!-- cv-final:start -->\nold\n<!-- cv-final:end -->\nb\\n\n"
@@ -137,7 +138,7 @@ def test_card_metrics(release, cv_table, results):
     assert m["inference_defaults"] == {"tta": cv_table.DEFAULT_TTA, "smooth_um": cv_table.DEFAULT_SMOOTH_UM}
     cv = m["cross_validation"]
     assert cv["design"].startswith("leave-one-section-out over C2–C5") and "B4" in cv["design"]
-    assert cv["recipe"]["tag"] == "_r3_mse" and "8 epochs" in cv["recipe"]["m2ort_small"]
+    assert cv["recipe"]["tag"] == cv_table.FINAL_TAG and "8 epochs" in cv["recipe"]["m2ort_small"]
     s = cv["m2ort_small"]
     assert set(s) == {"C2", "C3", "C5", "mean_over_folds"}
     fold = s["C3"]
@@ -167,7 +168,9 @@ def test_card_metrics(release, cv_table, results):
 def test_cross_validated_pcc_new_and_old_cards(release, cv_table, results):
     from napari_m2ort.widgets._models import cross_validated_pcc, describe_card
 
-    metrics = release.card_metrics({}, results + [_record("m2ort_small", "C4", 0.25)], "", "", cv_table)
+    metrics = release.card_metrics(
+        {}, results + [_record("m2ort_small", "C4", 0.25, cv_table.FINAL_TAG)], "", "", cv_table
+    )
     card = SimpleNamespace(variant="m2ort_small", genes=["A"], mpp=0.69, fov_um=155.0, metrics=metrics)
     value, what = cross_validated_pcc(card)
     assert value == pytest.approx((0.20 + 0.26 + 0.23 + 0.25) / 4 + 0.01)  # at the shipped defaults

@@ -99,7 +99,9 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     slide = _sample(viewer)
     widget = _dock(viewer, model_path)
     widget.batch_spin.setValue(4)
+    from napari_m2ort.widgets import predict as P
 
+    monkeypatch.setattr(P, "REDRAW_S", 0.0)  # draw every batch (the default groups them in time)
     batches = []
     real_append = _layers.append_spots
 
@@ -138,7 +140,7 @@ def test_predict_regions_overlap_display_export(make_napari_viewer, qtbot, model
     # data are (y, x) µm inside the drawn rectangle
     y, x = layer.data[:, 0], layer.data[:, 1]
     assert (x >= rect_a[0]).all() and (x <= rect_a[2]).all() and (y >= rect_a[1]).all() and (y <= rect_a[3]).all()
-    # points arrived batch by batch
+    # points arrived batch by batch (the last with the result)
     assert len(batches) == math.ceil(len(ids_a) / 4) and len(batches) > 1
     assert widget.last_run["n_spots"] == len(ids_a)
 
