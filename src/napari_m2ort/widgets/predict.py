@@ -3,7 +3,8 @@
 The panels (``panels/``) hold the controls and bind them to ``PredictSettings`` and
 ``DisplayState`` (``state.py``); this module wires them to the viewer and runs the
 use case — ``pipelines.plan_slide`` then ``pipelines.run_plan`` — in a napari thread
-worker, adding each batch of spots to the layer as it arrives.  Spots live on a global
+worker, putting spots on the layer as they arrive: the first (small) batch at once, later
+ones together every ``REDRAW_S``, the last with the result.  Spots live on a global
 grid, so a second, overlapping region adds only spots not predicted yet (their ids are
 stable): the widget leaves out the ids its layers already hold.
 """
