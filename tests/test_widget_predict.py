@@ -492,3 +492,47 @@ def test_activity_bar_only_for_long_jobs(qtbot, monkeypatch):
     gate.set()
     qtbot.waitUntil(lambda: handle.finished, timeout=10_000)
     assert made[0].n == 4 and handle.pbar is None
+
+
+def _join_preparation():
+    for t in [t for t in threading.enumerate() if t.name == "m2ort-prepare"]:
+        t.join(120)
+
+
+def test_one_job_at_a_time_runs_the_model(make_napari_viewer, qtbot, model_path, monkeypatch):
+    """torch.compile tracing a model while the background warm-up ran it deadlocked a test
+    run: predictions hold the widget's model lock, and the warm-up skips a busy model."""
+    from napari_m2ort import inference
+
+    viewer = make_napari_viewer()
+    _sample(viewer)
+    widget = _dock(viewer, model_path)
+    _join_preparation()
+    held = []
+    real_progress = widget._on_progress
+
+    def spy(ev):
+        if ev.stage == "predict":
+            held.append(widget._model_lock.locked())
+        real_progress(ev)
+
+    monkeypatch.setattr(widget, "_on_progress", spy)
+    h, w = viewer.canvas.size
+    viewer.camera.center = (4000.0, 3800.0)
+    viewer.camera.zoom = max(h, w) / 300.0
+    widget.predict_view()
+    _wait(qtbot, widget)
+    assert widget.last_error is None, widget.last_error
+    assert held and all(held) and not widget._model_lock.locked()
+
+    warmed = []
+    monkeypatch.setattr(inference, "warm_up_model", lambda model, device="auto", precision="auto": warmed.append(1))
+    widget._prepared.clear()
+    with widget._model_lock:  # as while a prediction runs
+        widget._prepare()
+        _join_preparation()
+    assert warmed == []
+    widget._prepared.clear()
+    widget._prepare()
+    _join_preparation()
+    assert warmed == [1]

@@ -59,6 +59,9 @@ class PredictWidget(QWidget):
         self._slides: dict = {}  # (kind, path or layer id, mpp) -> open slide
         self._masks: dict = {}  # same keys -> spots.TissueMask
         self._slides_lock = threading.Lock()
+        # one job at a time runs the widget's models: torch.compile tracing a model while
+        # another thread runs it (the background warm-up) deadlocked a test run
+        self._model_lock = threading.Lock()
         self._prepared: set = set()  # slide keys and model specs prepared in the background
         self._run: Optional[RunState] = None
         self.models.add_bundled()
@@ -207,8 +210,17 @@ class PredictWidget(QWidget):
             from ..inference import warm_up_model
 
             self._prepared.add(("model", spec, self.settings.device))
-            device = self.settings.device
-            jobs.append(lambda: warm_up_model(self.models.load(spec)[0], device))
+            device, lock = self.settings.device, self._model_lock
+
+            def warm():
+                model = self.models.load(spec)[0]
+                if lock.acquire(blocking=False):  # else a job runs the model: it warms up
+                    try:
+                        warm_up_model(model, device)
+                    finally:
+                        lock.release()
+
+            jobs.append(warm)
         if layer is not None and (layer.metadata or {}).get("path"):
             try:
                 key, factory = self._slide_source(layer)
@@ -388,7 +400,7 @@ class PredictWidget(QWidget):
             self._fail(str(exc))
             return None
         existing = L.predicted_ids(self.viewer, layer.name)
-        models, masks, open_cached = self.models, self._masks, self._open_slide
+        models, masks, open_cached, model_lock = self.models, self._masks, self._open_slide, self._model_lock
 
         def make_job(should_stop):
             from ..pipelines import plan_slide, run_plan
@@ -404,7 +416,8 @@ class PredictWidget(QWidget):
             if plan.tissue_mask is not None:
                 masks[slide_key] = plan.tissue_mask
             plan = plan.without(existing.get(L.layer_key(model_key(plan.card), plan.spots), ()))
-            return (yield from run_plan(plan, req, should_stop))
+            with model_lock:
+                return (yield from run_plan(plan, req, should_stop))
 
         self._run = RunState(what=what, geom=geom, slide_layer=layer.name)
         self.run_panel.busy()

@@ -197,7 +197,7 @@ class AtMeasured:
         except M2ORTError as exc:
             w._fail(str(exc))
             return None
-        s, models = w.settings, w.models
+        s, models, model_lock = w.settings, w.models, w._model_lock
         device, tta, smooth = s.device, s.tta, float(s.smooth_um)
 
         def make_job(should_stop):
@@ -207,9 +207,10 @@ class AtMeasured:
 
             yield Progress("prepare", 0, 1, "loading the model")
             model, card = models.load(spec)
-            res = yield from compare_at_measured(
-                model, card, section, device=resolve_device(device), tta=tta, smooth_um=smooth
-            )
+            with model_lock:
+                res = yield from compare_at_measured(
+                    model, card, section, device=resolve_device(device), tta=tta, smooth_um=smooth
+                )
             return res, card
 
         self._slide, self._meas = slide, meas
