@@ -248,13 +248,19 @@ def md_flags_ok(layer) -> bool:
     return len(flags) == len(layer.data) and set(flags) <= {"ok", "off-slide", "blank", "not-HE"}
 
 
-def test_cancel_keeps_partial_predictions(make_napari_viewer, qtbot, model_path):
+def _region_widget(make_napari_viewer, model_path, corners_yx, batch: int = 2):
+    """The sample slide, the widget with a small batch size, and one drawn rectangle."""
     viewer = make_napari_viewer()
     _sample(viewer)
     widget = _dock(viewer, model_path)
-    widget.batch_spin.setValue(2)
+    widget.batch_spin.setValue(batch)
     shapes = widget.add_regions_layer()
-    shapes.add_rectangles(np.array([[3600.0, 3400.0], [4200.0, 4000.0]]))
+    shapes.add_rectangles(np.array(corners_yx))
+    return viewer, widget
+
+
+def test_cancel_keeps_partial_predictions(make_napari_viewer, qtbot, model_path):
+    viewer, widget = _region_widget(make_napari_viewer, model_path, [[3600.0, 3400.0], [4200.0, 4000.0]])
     widget.predict_regions()
     qtbot.waitUntil(
         lambda: widget.predictions_layer() is not None and len(widget.predictions_layer().data) > 0, timeout=TIMEOUT_MS
@@ -279,12 +285,7 @@ def test_batches_are_drawn_together_not_one_by_one(make_napari_viewer, qtbot, mo
     from napari_m2ort.widgets import predict as P
 
     monkeypatch.setattr(P, "REDRAW_S", 1e9)
-    viewer = make_napari_viewer()
-    _sample(viewer)
-    widget = _dock(viewer, model_path)
-    widget.batch_spin.setValue(2)
-    shapes = widget.add_regions_layer()
-    shapes.add_rectangles(np.array([[3600.0, 3400.0], [3900.0, 3700.0]]))
+    viewer, widget = _region_widget(make_napari_viewer, model_path, [[3600.0, 3400.0], [3900.0, 3700.0]])
     drawn = []
     real = widget._draw_pending
 
@@ -503,26 +504,18 @@ def test_one_job_at_a_time_runs_the_model(make_napari_viewer, qtbot, model_path,
     """torch.compile tracing a model while the background warm-up ran it deadlocked a test
     run: predictions hold the widget's model lock, and the warm-up skips a busy model."""
     from napari_m2ort import inference
+    from napari_m2ort.widgets.predict import PredictWidget
 
-    viewer = make_napari_viewer()
-    _sample(viewer)
-    widget = _dock(viewer, model_path)
-    _join_preparation()
     held = []
-    real_progress = widget._on_progress
+    real_progress = PredictWidget._on_progress
 
-    def spy(ev):
+    def spy(self, ev):
         if ev.stage == "predict":
-            held.append(widget._model_lock.locked())
-        real_progress(ev)
+            held.append(self._model_lock.locked())
+        real_progress(self, ev)
 
-    monkeypatch.setattr(widget, "_on_progress", spy)
-    h, w = viewer.canvas.size
-    viewer.camera.center = (4000.0, 3800.0)
-    viewer.camera.zoom = max(h, w) / 300.0
-    widget.predict_view()
-    _wait(qtbot, widget)
-    assert widget.last_error is None, widget.last_error
+    monkeypatch.setattr(PredictWidget, "_on_progress", spy)
+    viewer, widget = _predict_300um_view(make_napari_viewer, qtbot, model_path)
     assert held and all(held) and not widget._model_lock.locked()
 
     warmed = []
