@@ -22,7 +22,7 @@ C2_FILES = {
 
 
 def _override() -> Path | None:
-    """The full data folder named by $M2ORT_SHARED_DATA (opt-in), e.g. ../shared/data."""
+    """A full data folder named by $M2ORT_SHARED_DATA (opt-in, for developers who have one)."""
     value = os.environ.get("M2ORT_SHARED_DATA")
     if not value:
         return None

@@ -1,5 +1,5 @@
 """The final cross-validation table, the released model card's metrics, and what the
-widget says about a card: fake CV results in tmp_path, nothing from ../shared."""
+widget says about a card: fake CV results in tmp_path, no external data."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""ST readers on real data (tests/data: unchanged copies of files from ../shared/data; the
-``shared_data`` fixture reads ../shared only when M2ORT_SHARED_DATA names it), and on
-corrupted copies of it."""
+"""ST readers on real data committed in tests/data (unchanged copies of the development
+data; see tests/data/README.md), and on corrupted copies of it."""
 
 from __future__ import annotations
 
