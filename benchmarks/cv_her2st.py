@@ -44,7 +44,7 @@ def _summary(m: dict) -> dict:
     return {k: v for k, v in m.items() if k != "per_gene" and not k.startswith("_")}
 
 
-def inference_grid(model, section, train_mean, precision="fp32") -> tuple[dict, dict]:
+def inference_grid(model, section, train_mean, precision="fp32", device="cpu") -> tuple[dict, dict]:
     """Held-out metrics for each (tta, smooth_um) pair, and how well the TTA spread ranks
     the errors (Spearman of uncertainty vs absolute error) with the shipped settings."""
     from scipy.stats import spearmanr
@@ -55,7 +55,7 @@ def inference_grid(model, section, train_mean, precision="fp32") -> tuple[dict, 
 
     raw = {}
     for tta in sorted({t for t, _ in INFERENCE_GRID}):
-        raw[tta] = predict_cached(model, section.level1, "cpu", precision, 64, tta, with_spread=True)
+        raw[tta] = predict_cached(model, section.level1, device, precision, 64, tta, with_spread=True)
     grid = {}
     keep = np.array([g not in set(section.genes_missing) for g in section.genes])
     genes = [g for g, k in zip(section.genes, keep) if k]
@@ -76,7 +76,7 @@ def inference_grid(model, section, train_mean, precision="fp32") -> tuple[dict, 
             r_all = spearmanr(sd.ravel(), err.ravel())[0]
             r_spot = spearmanr(sd.mean(1), err.mean(1))[0]
             unc[f"{tta}/{sm:g}"] = {"spearman_spot_gene": float(r_all), "spearman_spot_mean": float(r_spot)}
-    return grid, unc
+    return grid, unc, raw["none"][0]
 
 
 def main(argv=None):
@@ -117,13 +117,19 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix for result files (ablations)")
     p.add_argument("--cache", default=str(ROOT / ".cache" / "patches"))
     p.add_argument("--force", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps: training and evaluation")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the JSON (and .npz) results")
+    p.add_argument(
+        "--save-pred", action="store_true", help="also write the held-out raw predictions (.npz), for ensembles"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 2)))
 
     extra = [s for s in args.extra_train.split(",") if s]
     names = SECTIONS + [s for s in extra if s not in SECTIONS]
     sections = {s: read_her2st(args.data, s) for s in names}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     for fold in args.folds.split(","):
         train_names = [s for s in SECTIONS if s != fold] + [s for s in extra if s != fold]
         genes = list(select_panel([sections[s].adata for s in train_names], n=args.n_genes, rule=args.panel_rule))
@@ -140,7 +146,7 @@ def main(argv=None):
             vals.append(cached[s].subset(m, ":val"))
         train_mean = np.concatenate([c.y for c in trains]).mean(0)
         for model_name in args.models.split(","):
-            out = RESULTS / f"cv_{model_name}{args.tag}_{fold}.json"
+            out = results / f"cv_{model_name}{args.tag}_{fold}.json"
             if out.exists() and not args.force:
                 print(f"skip {out.name} (done)")
                 continue
@@ -159,7 +165,7 @@ def main(argv=None):
                     epochs=args.epochs,
                     lr=args.lr,
                     batch_size=args.batch_size,
-                    device="cpu",
+                    device=args.device,
                     precision=args.precision,
                     seed=args.seed,
                     color_jitter=args.color_jitter,
@@ -182,8 +188,19 @@ def main(argv=None):
 
                 res = run_to_end(train(model, card, trains, vals, cfg), report)
                 model, history, best_epoch, fit = res.model, res.history, res.best_epoch, res.fit
-            metrics = evaluate_cached(model, [cached[fold]], train_mean, "cpu", "fp32")
-            grid, unc = inference_grid(model, cached[fold], train_mean) if model_name != "mean" else ({}, {})
+            metrics = evaluate_cached(model, [cached[fold]], train_mean, args.device, "fp32")
+            grid, unc, raw_pred = (
+                inference_grid(model, cached[fold], train_mean, device=args.device)
+                if model_name != "mean"
+                else ({}, {}, None)
+            )
+            if args.save_pred and raw_pred is not None:
+                np.savez_compressed(
+                    out.with_suffix(".pred.npz"),
+                    pred=raw_pred.astype(np.float16),
+                    genes=np.array(genes),
+                    train_mean=np.asarray(train_mean, np.float32),
+                )
             record = {
                 "model": model_name,
                 "tag": args.tag,
@@ -214,7 +231,9 @@ def main(argv=None):
                 "of each section's own PCC-gene"
                 if args.tag
                 else "held-out blocks, pooled",
-                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+                + (f", {torch.cuda.get_device_name()}" if str(args.device).startswith("cuda") else ""),
+                "device": args.device,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "metrics": _summary(metrics),
                 "inference": grid,
