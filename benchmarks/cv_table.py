@@ -28,6 +28,7 @@ FOLDS = ("C2", "C3", "C4", "C5")
 DEFAULT_KEY = f"{DEFAULT_TTA}/{DEFAULT_SMOOTH_UM:g}"  # the shipped inference defaults
 LABELS = {
     "m2ort_small": "M2ORT-S",
+    "m2ort_base": "M2ORT-B",
     "resnet18": "ST-Net-style ResNet-18",
     "densenet121": "ST-Net-style DenseNet-121",
     "mean": "training-mean predictor",
@@ -76,6 +77,10 @@ def recipe(rec: dict) -> str:
     extra = [s for s in rec.get("train_sections", []) if not s.startswith("C")]
     if extra:
         text += f", +{'+'.join(extra)}"
+    if rec.get("seed"):
+        text += f", seed {rec['seed']}"
+    if str(rec.get("device", "cpu")).startswith("cuda"):
+        text += ", GPU"  # the same recipe on another device is another run, not another fold
     return text
 
 
