@@ -495,6 +495,37 @@ def test_activity_bar_only_for_long_jobs(qtbot, monkeypatch):
     assert made[0].n == 4 and handle.pbar is None
 
 
+def test_jobs_hand_the_gil_back_often_while_they_run(qtbot):
+    """While a job runs, the GIL switch interval is 0.5 ms (the worker's torch ops get the
+    GIL back between ops while the UI renders); the user's own setting returns after the
+    last of two overlapping jobs."""
+    import sys
+
+    from napari_m2ort.progress import Progress
+    from napari_m2ort.widgets import _workers
+
+    before = sys.getswitchinterval()
+    gates = [threading.Event(), threading.Event()]
+
+    def job(gate):
+        def make(should_stop):
+            yield Progress("predict", 0, 1)
+            gate.wait(10)
+            return "done"
+
+        return make
+
+    first = _workers.start_job(job(gates[0]), desc="a", show_progress=False)
+    second = _workers.start_job(job(gates[1]), desc="b", show_progress=False)
+    assert sys.getswitchinterval() == pytest.approx(_workers.JOB_SWITCH_INTERVAL_S)
+    gates[0].set()
+    qtbot.waitUntil(lambda: first.finished, timeout=10_000)
+    assert sys.getswitchinterval() == pytest.approx(_workers.JOB_SWITCH_INTERVAL_S)
+    gates[1].set()
+    qtbot.waitUntil(lambda: second.finished, timeout=10_000)
+    assert sys.getswitchinterval() == pytest.approx(before)
+
+
 def _join_preparation():
     for t in [t for t in threading.enumerate() if t.name == "m2ort-prepare"]:
         t.join(120)
