@@ -1,4 +1,4 @@
-"""Shared fixtures: real data committed under tests/data (plus the packaged C2 section)."""
+"""Fixtures: real data committed under tests/data (plus the packaged C2 section)."""
 
 from __future__ import annotations
 
@@ -22,19 +22,19 @@ C2_FILES = {
 
 
 def _override() -> Path | None:
-    """A full data folder named by $M2ORT_SHARED_DATA (opt-in, for developers who have one)."""
-    value = os.environ.get("M2ORT_SHARED_DATA")
+    """A full data folder named by $M2ORT_TEST_DATA (opt-in, for developers who have one)."""
+    value = os.environ.get("M2ORT_TEST_DATA")
     if not value:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        warnings.warn(f"M2ORT_SHARED_DATA={value} is not a folder; using {DATA}", stacklevel=2)
+        warnings.warn(f"M2ORT_TEST_DATA={value} is not a folder; using {DATA}", stacklevel=2)
         return None
     return path
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def data_dir() -> Path:
     """The data folder: tests/data, in the same layout as the full one (see tests/data/README.md)."""
     return _override() or DATA
 

@@ -108,9 +108,9 @@ def test_few_spots_outside_the_image_are_skipped(her2st, tmp_path):
     assert s.n_spots == 187 - outside
 
 
-def test_visium_barcodes_of_another_run_stop(shared_data, tmp_path):
+def test_visium_barcodes_of_another_run_stop(data_dir, tmp_path):
     dst = tmp_path / "vis"
-    shutil.copytree(shared_data / "visium_spaceranger", dst)
+    shutil.copytree(data_dir / "visium_spaceranger", dst)
     for p in dst.rglob("*"):
         p.chmod(0o644 if p.is_file() else 0o755)
     pos_file = dst / "spatial" / "tissue_positions_list.csv"
@@ -131,8 +131,8 @@ def test_visium_barcodes_of_another_run_stop(shared_data, tmp_path):
     assert "different Space Ranger runs" in msg
 
 
-def test_h5ad_coordinates_of_another_scale_stop(shared_data, tmp_path):
-    d = shared_data / "squidpy_mouse_brain"
+def test_h5ad_coordinates_of_another_scale_stop(data_dir, tmp_path):
+    d = data_dir / "squidpy_mouse_brain"
     adata = ad.read_h5ad(d / "test_data.h5ad")
     adata.obsm["spatial"] = adata.obsm["spatial"] * 4.0  # e.g. pixels of a 4× larger scan
     adata.write_h5ad(tmp_path / "x4.h5ad")
@@ -179,8 +179,8 @@ def test_most_panel_genes_missing_stop_even_when_allowed(c2):
         run_to_end(prepare_section(section, panel, 0.69))
 
 
-def test_ensembl_panel_against_symbols_names_the_column(shared_data):
-    d = shared_data / "squidpy_mouse_brain"
+def test_ensembl_panel_against_symbols_names_the_column(data_dir):
+    d = data_dir / "squidpy_mouse_brain"
     section = _quiet(st.read_h5ad, d / "test_data.h5ad", image=d / "test_img.jpg")
     panel = list(section.adata.var["gene_ids"][:50])
     with pytest.raises(M2ORTError) as info:
@@ -191,8 +191,8 @@ def test_ensembl_panel_against_symbols_names_the_column(shared_data):
     assert "var['gene_ids'] holds 50 of them: use it as the gene names" in msg
 
 
-def test_ensembl_data_without_symbols_say_map_them(shared_data, tmp_path):
-    d = shared_data / "squidpy_mouse_brain"
+def test_ensembl_data_without_symbols_say_map_them(data_dir, tmp_path):
+    d = data_dir / "squidpy_mouse_brain"
     adata = ad.read_h5ad(d / "test_data.h5ad")
     panel = list(adata.var_names[:50])
     adata.var_names = adata.var["gene_ids"].astype(str).to_numpy()

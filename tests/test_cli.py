@@ -142,11 +142,11 @@ def test_train_one_epoch_new_panel(her2st, tmp_path, capsys):
     assert hist[0]["epoch"] == 1 and "val" in hist[0]
 
 
-def test_errors_are_one_line_and_exit_2(tmp_path, capsys, shared_data):
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys, data_dir):
     assert main(["predict", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "x.h5ad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.svs" in err[0]
-    bad = shared_data / "slide_fixtures" / "unopenable.tiff"
+    bad = data_dir / "slide_fixtures" / "unopenable.tiff"
     assert main(["predict", str(bad), "--out", str(tmp_path / "x.h5ad")]) == 2
     assert main(["train", "--her2st", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "x.h5ad").exists()

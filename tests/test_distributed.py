@@ -48,7 +48,7 @@ SETTINGS = dict(region=REGION, tissue=False, layout="visium", device="cpu", batc
 
 
 @pytest.fixture(scope="module")
-def cohort(her2st, shared_data, tmp_path_factory):
+def cohort(her2st, data_dir, tmp_path_factory):
     """{name: OME-TIFF path} for the two crops, plus the unopenable fixture."""
     src = tmp_path_factory.mktemp("crops")
     out = {}
@@ -58,7 +58,7 @@ def cohort(her2st, shared_data, tmp_path_factory):
         png = src / f"{name}.png"
         crop.save(png, compress_level=1)
         out[name] = convert_to_ome_tiff(png, src / f"{name}.ome.tif", mpp=0.69)
-    bad = shared_data / "slide_fixtures" / "unopenable.tiff"
+    bad = data_dir / "slide_fixtures" / "unopenable.tiff"
     if not bad.is_file():
         pytest.skip(f"{bad} missing")
     out["bad"] = bad

@@ -49,8 +49,8 @@ def vms(tmp_path_factory):
     return path, decoded
 
 
-def test_svs_fixture_agrees_with_tifffile(shared_data):
-    path = shared_data / "slide_fixtures" / "small.svs"
+def test_svs_fixture_agrees_with_tifffile(data_dir):
+    path = data_dir / "slide_fixtures" / "small.svs"
     with open_slide(path, backend="openslide") as ours, open_slide(path) as tiff:
         assert isinstance(ours, SlideLike)
         assert (ours.format, tiff.format) == ("openslide-aperio", "svs")
@@ -105,18 +105,18 @@ def test_missing_openslide_names_the_package(vms, monkeypatch):
         open_slide(path)
 
 
-def test_generic_tiff_under_a_vendor_name_stays_with_tifffile(shared_data, tmp_path):
+def test_generic_tiff_under_a_vendor_name_stays_with_tifffile(data_dir, tmp_path):
     """OpenSlide goes first for .ndpi/.scn/.bif only when it sees that vendor's file."""
     fake = tmp_path / "boxes.scn"
-    fake.write_bytes((shared_data / "slide_fixtures" / "boxes.tiff").read_bytes())
+    fake.write_bytes((data_dir / "slide_fixtures" / "boxes.tiff").read_bytes())
     with open_slide(fake, quiet=True) as slide:
         assert slide.format == "tiff"
 
 
-def test_pickled_slide_keeps_the_backend_it_was_opened_with(shared_data):
+def test_pickled_slide_keeps_the_backend_it_was_opened_with(data_dir):
     """Dask workers unpickle slides: one opened with backend="openslide" must not come
     back through format detection (which gives SVS to tifffile)."""
-    path = shared_data / "slide_fixtures" / "small.svs"
+    path = data_dir / "slide_fixtures" / "small.svs"
     with open_slide(path, backend="openslide", memory_budget=2**30) as slide:
         again = pickle.loads(pickle.dumps(slide))
         try:

@@ -30,8 +30,8 @@ def c2_jpeg(her2st):
 
 
 @pytest.fixture(scope="session")
-def fixtures(shared_data):
-    return shared_data / "slide_fixtures"
+def fixtures(data_dir):
+    return data_dir / "slide_fixtures"
 
 
 @pytest.fixture(scope="module")

@@ -121,8 +121,8 @@ def test_her2st_user_mpp(her2st):
         _quiet(st.read_her2st, her2st, "C2", mpp=-1)
 
 
-def test_visium_reader(shared_data):
-    folder = shared_data / "visium_spaceranger"
+def test_visium_reader(data_dir):
+    folder = data_dir / "visium_spaceranger"
     with pytest.warns(STDataWarning, match="blank"):
         s = st.read_visium(folder)
     assert s.adata.shape == (100, 100)
@@ -145,8 +145,8 @@ def test_visium_reader(shared_data):
     assert_spots_on_tissue(s, radius_um=30)
 
 
-def test_h5ad_with_image(shared_data):
-    d = shared_data / "squidpy_mouse_brain"
+def test_h5ad_with_image(data_dir):
+    d = data_dir / "squidpy_mouse_brain"
     with pytest.warns(STDataWarning, match="non-integer"):
         s = st.read_h5ad(d / "test_data.h5ad", image=d / "test_img.jpg")
     assert s.adata.shape == (49, 1999)
@@ -158,8 +158,8 @@ def test_h5ad_with_image(shared_data):
     assert_spots_on_tissue(s, radius_um=15)
 
 
-def test_h5ad_embedded_image(shared_data):
-    d = shared_data / "squidpy_mouse_brain"
+def test_h5ad_embedded_image(data_dir):
+    d = data_dir / "squidpy_mouse_brain"
     with pytest.warns(STDataWarning, match="outside \\[0, 1\\]"):  # the fixture's hires is noise
         s = st.read_h5ad(d / "test_data.h5ad")
     assert s.image_path is None and s.image.shape == (88, 49, 3) and s.image.dtype == np.uint8
@@ -169,9 +169,9 @@ def test_h5ad_embedded_image(shared_data):
     assert_in_bounds(s)
 
 
-def test_image_size_tiff_and_jpeg(shared_data, her2st):
-    assert st.image_size(shared_data / "squidpy_mouse_brain" / "test_img.jpg") == (950, 1717)
-    w, h = st.image_size(shared_data / "slide_fixtures" / "boxes.tiff")
+def test_image_size_tiff_and_jpeg(data_dir, her2st):
+    assert st.image_size(data_dir / "squidpy_mouse_brain" / "test_img.jpg") == (950, 1717)
+    w, h = st.image_size(data_dir / "slide_fixtures" / "boxes.tiff")
     assert w > 0 and h > 0
     with pytest.raises(M2ORTError, match="does not exist"):
         st.image_size(her2st / "nope.jpg")
@@ -206,11 +206,11 @@ def test_pillow_guard_stays_on(c2, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == 1000
 
 
-def test_napari_get_reader_dispatch(shared_data, tmp_path):
+def test_napari_get_reader_dispatch(data_dir, tmp_path):
     assert st.napari_get_reader(str(tmp_path)) is None  # a folder that is not Visium
-    assert st.napari_get_reader(str(shared_data / "squidpy_mouse_brain" / "test_img.jpg")) is None
-    assert callable(st.napari_get_reader(str(shared_data / "visium_spaceranger")))
-    reader = st.napari_get_reader([str(shared_data / "squidpy_mouse_brain" / "test_data.h5ad")])
+    assert st.napari_get_reader(str(data_dir / "squidpy_mouse_brain" / "test_img.jpg")) is None
+    assert callable(st.napari_get_reader(str(data_dir / "visium_spaceranger")))
+    reader = st.napari_get_reader([str(data_dir / "squidpy_mouse_brain" / "test_data.h5ad")])
     layers = _quiet(reader, "x")
     (img, ikw, ikind), (pts, pkw, pkind) = layers
     assert ikind == "image" and pkind == "points"
@@ -219,9 +219,9 @@ def test_napari_get_reader_dispatch(shared_data, tmp_path):
     assert pkw["size"] == 55.0
 
 
-def test_napari_reader_visium_with_slides(shared_data):
+def test_napari_reader_visium_with_slides(data_dir):
     pytest.importorskip("napari_m2ort.io.slides")
-    layers = _quiet(st.napari_get_reader(str(shared_data / "visium_spaceranger")), "x")
+    layers = _quiet(st.napari_get_reader(str(data_dir / "visium_spaceranger")), "x")
     assert [t for _, _, t in layers] == ["image", "points"]
 
 
@@ -331,16 +331,16 @@ def test_transposed_counts_table(tmp_path):
     assert s.adata.shape == (12, 4)
 
 
-def _copy_visium(shared_data, tmp_path) -> Path:
+def _copy_visium(data_dir, tmp_path) -> Path:
     dst = tmp_path / "vis"
-    shutil.copytree(shared_data / "visium_spaceranger", dst)
+    shutil.copytree(data_dir / "visium_spaceranger", dst)
     for p in dst.rglob("*"):
         p.chmod(0o644 if p.is_file() else 0o755)
     return dst
 
 
-def test_visium_duplicated_barcodes(shared_data, tmp_path):
-    dst = _copy_visium(shared_data, tmp_path)
+def test_visium_duplicated_barcodes(data_dir, tmp_path):
+    dst = _copy_visium(data_dir, tmp_path)
     pos_file = dst / "spatial" / "tissue_positions_list.csv"
     pos = pd.read_csv(pos_file, header=None)
     import h5py
@@ -361,17 +361,17 @@ def test_visium_missing_matrix(tmp_path):
         st.read_visium(tmp_path)
 
 
-def test_h5ad_without_spatial(shared_data, tmp_path):
+def test_h5ad_without_spatial(data_dir, tmp_path):
     import anndata as ad
 
-    a = ad.read_h5ad(shared_data / "squidpy_mouse_brain" / "test_data.h5ad")
+    a = ad.read_h5ad(data_dir / "squidpy_mouse_brain" / "test_data.h5ad")
     del a.obsm["spatial"]
     a.write_h5ad(tmp_path / "nospatial.h5ad")
     with pytest.raises(M2ORTError, match=r"no obsm\['spatial'\]"):
         st.read_h5ad(tmp_path / "nospatial.h5ad")
 
 
-def test_h5ad_without_mpp_needs_mpp(shared_data, tmp_path):
+def test_h5ad_without_mpp_needs_mpp(data_dir, tmp_path):
     import anndata as ad
 
     a = ad.AnnData(X=sp.csr_matrix(np.arange(12, dtype=np.float32).reshape(3, 4)))
