@@ -44,9 +44,10 @@ def _summary(m: dict) -> dict:
     return {k: v for k, v in m.items() if k != "per_gene" and not k.startswith("_")}
 
 
-def inference_grid(model, section, train_mean, precision="fp32", device="cpu") -> tuple[dict, dict]:
-    """Held-out metrics for each (tta, smooth_um) pair, and how well the TTA spread ranks
-    the errors (Spearman of uncertainty vs absolute error) with the shipped settings."""
+def inference_grid(model, section, train_mean, precision="fp32", device="cpu") -> tuple[dict, dict, np.ndarray]:
+    """Held-out metrics for each (tta, smooth_um) pair, how well the TTA spread ranks the
+    errors (Spearman of uncertainty vs absolute error), and the raw predictions (no TTA,
+    no smoothing) that ``--save-pred`` keeps for ensembles."""
     from scipy.stats import spearmanr
 
     from napari_m2ort.evaluation import predict_cached

@@ -6,7 +6,7 @@
 # that are not in tests/data. OUT is the folder whose files came back.
 set -u
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-530}))
-PY=${PY:-python3}; DEV=${DEV:-cuda}; JOBS=${JOBS:-.gpu/jobs.txt}; P=${P:-16}
+PY=${PY:-python3}; DEV=${DEV:-cuda}; JOBS=${JOBS:-benchmarks/gpu/jobs.txt}; P=${P:-16}
 if [ -z "${NOPIP:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
   export PYTHONPATH=/tmp/site:$PWD/src

@@ -44,8 +44,9 @@ ACTIVITY_DELAY_MS = 3000
 #: Python's GIL switch interval while a job runs (default 5 ms). The worker releases the
 #: GIL inside each torch op and needs it back between ops; with the UI thread rendering
 #: (panning under software OpenGL) each handback could wait up to 5 ms, hundreds of times
-#: per forward. At 0.5 ms, Predict on 116 spots while panning showed all spots in 4.3-4.4 s
-#: instead of 5.2-6.1 s (`benchmarks/results/gui_pan_cpu.md`), the pan gaps unchanged.
+#: per forward. At 0.5 ms, Predict on 116 spots while panning showed all spots in 4.2-4.9 s
+#: instead of 5.2-6.1 s; the median pan gap stayed 52-56 ms, its p95 rose from 149-177 to
+#: 174-295 ms (`benchmarks/results/gui_pan_cpu.md`).
 JOB_SWITCH_INTERVAL_S = 0.0005
 _switch = {"jobs": 0, "saved": None}
 
