@@ -8,6 +8,7 @@ the GUI path does not depend on what the weights predict.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from pathlib import Path
@@ -534,18 +535,34 @@ def _join_preparation():
 def test_one_job_at_a_time_runs_the_model(make_napari_viewer, qtbot, model_path, monkeypatch):
     """torch.compile tracing a model while the background warm-up ran it deadlocked a test
     run: predictions hold the widget's model lock, and the warm-up skips a busy model."""
-    from napari_m2ort import inference
+    from napari_m2ort import inference, pipelines
     from napari_m2ort.widgets.predict import PredictWidget
 
-    held = []
-    real_progress = PredictWidget._on_progress
+    # The lock is read in the worker thread as each predict event leaves run_plan: the GUI
+    # handles queued events later, after the job may already have let the lock go.
+    held, widgets = [], []
+    real_init, real_run_plan = PredictWidget.__init__, pipelines.run_plan
 
-    def spy(self, ev):
-        if ev.stage == "predict":
-            held.append(self._model_lock.locked())
-        real_progress(self, ev)
+    @functools.wraps(real_init)
+    def init_spy(self, *args, **kwargs):
+        widgets.append(self)
+        real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(PredictWidget, "_on_progress", spy)
+    def run_plan_spy(*args, **kwargs):
+        gen = real_run_plan(*args, **kwargs)
+        result = None
+        try:
+            ev = next(gen)
+            while True:
+                if ev.stage == "predict":
+                    held.append(widgets[-1]._model_lock.locked())
+                ev = gen.send((yield ev))
+        except StopIteration as stop:
+            result = stop.value
+        return result
+
+    monkeypatch.setattr(PredictWidget, "__init__", init_spy)
+    monkeypatch.setattr(pipelines, "run_plan", run_plan_spy)
     viewer, widget = _predict_300um_view(make_napari_viewer, qtbot, model_path)
     assert held and all(held) and not widget._model_lock.locked()
 
