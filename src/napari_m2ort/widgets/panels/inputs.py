@@ -136,12 +136,13 @@ class InputsPanel(QGroupBox):
         self.tta_combo.setToolTip("Test-time augmentation, as the CLI's --tta (more views: slower, steadier)")
         self.smooth_spin = QDoubleSpinBox()
         self.smooth_spin.setRange(0.0, 2000.0)
-        self.smooth_spin.setSuffix(" µm smoothing")
+        self.smooth_spin.setDecimals(0)
+        self.smooth_spin.setSuffix(" µm")  # a longer suffix is cut off in a docked widget
         self.smooth_spin.setToolTip("Gaussian smoothing over neighbouring spots (sigma), as --smooth-um; 0 = off")
         row = QHBoxLayout()
         row.addWidget(self.tta_combo)
         row.addWidget(self.smooth_spin)
-        form.addRow("TTA", row)
+        form.addRow("TTA, smooth σ", row)
         self.force_check = QCheckBox("Predict anyway on a far coarser slide")
         self.force_check.setToolTip(
             "A slide more than 4x coarser than the model's µm/px is refused: the model cannot see the cells "
