@@ -178,6 +178,7 @@ def main(argv=None):
                     loss=args.loss,
                     depth_k=args.depth_k,
                     ema=args.ema,
+                    drop_path=args.drop_path,
                 )
 
                 def report(ev, model_name=model_name, fold=fold):

@@ -113,6 +113,22 @@ def test_model_for_training_new_panel_and_copy():
     assert tuned_card.mpp == 0.5 and tuned_card.training_data.endswith("on S1")
 
 
+def test_drop_path_is_built_into_a_new_model_only():
+    """The shipped recipe trains M2ORT-S with stochastic depth; a checkpoint cannot take it."""
+    from timm.layers import DropPath
+
+    class Section:
+        name = "S1"
+
+    plain, card = P.model_for_training("m2ort_small", [Section()], genes="A,B")
+    assert not any(isinstance(m, DropPath) for m in plain.modules())
+    model, _ = P.model_for_training("m2ort_small", [Section()], genes="A,B", drop_path=0.2)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.2)
+    with pytest.raises(M2ORTError, match="new model"):
+        P.model_for_training((plain, card), [Section()], genes="model", drop_path=0.2)
+
+
 # --------------------------------------------------------------------- predict_slide
 
 

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-mpp", type=float, default=None, metavar="UM_PER_PX",
                    help="µm/px the model works at (default: the model's, or 0.69 for a new one)")  # fmt: skip
     p.add_argument("--tied-kv", action="store_true", help="new M2ORT model: share key/value projections")
+    p.add_argument("--drop-path", type=float, default=0.0,
+                   help="new model: stochastic depth rate of its deepest block (0 = off)")  # fmt: skip
     p.add_argument(
         "--device", default="auto", choices=DEVICES, help="where training runs; auto = CUDA, else MPS, else CPU"
     )
@@ -368,7 +370,7 @@ def _train_config(args):
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, mode=args.mode, device=args.device,
         precision=args.precision, seed=args.seed, color_jitter=args.color_jitter, geometry=args.geometry,
         stain=args.stain, loss=args.loss, depth_k=args.depth_k, ema=args.ema, schedule=args.schedule,
-        warmup_epochs=args.warmup, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup, weight_decay=args.weight_decay, drop_path=args.drop_path,
     )  # fmt: skip
     checks.train_config(cfg)
     checks.mpp(args.train_mpp, "Training resolution (--train-mpp)")

@@ -77,6 +77,10 @@ class TrainConfig:
     loss: str = "mse"  # see losses.LOSSES
     depth_k: float = 1000.0  # mse_depth: weight depth / (depth + k)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0 = off)
+    # Stochastic depth of a new model: it is built with it (pipelines.model_for_training),
+    # so it is part of the recipe here, where the card records the recipe. A checkpoint
+    # keeps the structure it was saved with.
+    drop_path: float = 0.0
     device: str = "auto"
     precision: str = "fp32"
     seed: int = 0

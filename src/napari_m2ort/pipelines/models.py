@@ -143,6 +143,7 @@ def resolve_model(
     tied_kv: bool = False,
     training_data: str = "",
     gene_panel_rule: str = "",
+    drop_path: float = 0.0,
 ):
     """``(model, card)`` for a model spec.
 
@@ -166,7 +167,7 @@ def resolve_model(
                 f"{spec!r} names an architecture, not trained weights: predicting needs a trained "
                 "checkpoint or 'bundled' (a new model is made for training, with a gene panel)."
             )
-        model = build_model(spec, len(genes), tied_kv=tied_kv)
+        model = build_model(spec, len(genes), tied_kv=tied_kv, drop_path_rate=drop_path)
         card = new_card(spec, list(genes), mpp or DEFAULT_TRAIN_MPP, training_data, tied_kv, gene_panel_rule)
         return model.to(device), card
     return load_checkpoint(checkpoint_path(spec), device=device)
@@ -266,17 +267,26 @@ def model_for_training(
     train_mpp: Optional[float] = None,
     tied_kv: bool = False,
     panel_rule: Optional[str] = None,
+    drop_path: float = 0.0,
 ):
     """``(model, card)`` a training starts from.
 
     Trained weights keep their encoder; a different panel gets a fresh head. An
     in-memory model is copied (its owner keeps the original). A variant name gives a new
-    model on the data's top 250 genes unless ``genes`` says otherwise.
+    model on the data's top 250 genes unless ``genes`` says otherwise; ``drop_path``
+    (stochastic depth) is built into a new model only.
     """
     from ..model.weights import replace_head
     from ..targets import PANEL_RULES
 
     data_desc = ", ".join(s.name for s in sections)
+    if drop_path and not is_variant(spec):
+        raise M2ORTError(
+            f"Drop path {drop_path:g} is built into a new model; "
+            f"{spec if isinstance(spec, str) else 'this in-memory model'} is trained weights, "
+            "which keep their own. Leave drop path at 0 to fine-tune it, or train a new model "
+            "(m2ort_small, m2ort_base, m2ort_large)."
+        )
     if not is_variant(spec):
         pair = _pair(spec)
         if pair is not None:
@@ -314,4 +324,5 @@ def model_for_training(
         tied_kv=bool(tied_kv),
         training_data=data_desc,
         gene_panel_rule=rule,
+        drop_path=drop_path,
     )

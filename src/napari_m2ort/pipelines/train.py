@@ -59,7 +59,13 @@ def fine_tune(request: FineTuneRequest, should_stop: Optional[Callable[[], bool]
     checks.mpp(request.train_mpp, "Training resolution (µm/px)")
     yield Progress("setup", 0, 1, "loading the model")
     model, card = model_for_training(
-        request.model, request.sections, request.genes, request.train_mpp, request.tied_kv, request.panel_rule
+        request.model,
+        request.sections,
+        request.genes,
+        request.train_mpp,
+        request.tied_kv,
+        request.panel_rule,
+        drop_path=request.config.drop_path,
     )
     cached = []
     for sec in request.sections:
