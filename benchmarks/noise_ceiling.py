@@ -28,16 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pcc_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    return np.divide((a * b).sum(0), den, out=np.full(a.shape[1], np.nan), where=den > 0)
+    """Per-gene PCC across spots, as the models are scored (NaN where a side is constant)."""
+    from napari_m2ort.metrics import pearson
+
+    return pearson(a, b, axis=0)[0]
 
 
 def _targets(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    total = c.sum(1)
-    keep = total > 0
-    return np.log1p(c[keep] * (1e6 / total[keep])[:, None]), keep
+    """The training targets of panel counts ``c`` (spots whose panel total is 0 dropped)."""
+    from napari_m2ort.targets import normalize_counts
+
+    return normalize_counts(c, np.arange(c.shape[1]))
 
 
 def split_half_ceiling(counts: np.ndarray, rng: np.random.Generator, repeats: int = 20) -> np.ndarray:

@@ -280,14 +280,14 @@ def model_for_training(
     from ..targets import PANEL_RULES
 
     data_desc = ", ".join(s.name for s in sections)
-    if drop_path and not is_variant(spec):
-        raise M2ORTError(
-            f"Drop path {drop_path:g} is built into a new model; "
-            f"{spec if isinstance(spec, str) else 'this in-memory model'} is trained weights, "
-            "which keep their own. Leave drop path at 0 to fine-tune it, or train a new model "
-            "(m2ort_small, m2ort_base, m2ort_large)."
-        )
     if not is_variant(spec):
+        if drop_path:
+            raise M2ORTError(
+                f"Drop path {drop_path:g} is built into a new model; "
+                f"{spec if isinstance(spec, str) else 'this in-memory model'} is trained weights, "
+                "which keep their own. Leave drop path at 0 to fine-tune it, or train a new model "
+                "(m2ort_small, m2ort_base, m2ort_large)."
+            )
         pair = _pair(spec)
         if pair is not None:
             model, card = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
