@@ -111,6 +111,8 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--tied-kv", action="store_true")
     p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--target-norm", default="none", choices=["none", "section_center", "section_z"])
+    p.add_argument("--target-smooth", type=float, default=0.0, help="sigma (um) of training-target smoothing")
     p.add_argument("--n-genes", type=int, default=250)
     p.add_argument("--panel-rule", default="mean_log1p_cpm", choices=sorted(PANEL_RULES))
     p.add_argument("--seed", type=int, default=0)
@@ -179,6 +181,8 @@ def main(argv=None):
                     depth_k=args.depth_k,
                     ema=args.ema,
                     drop_path=args.drop_path,
+                    target_norm=args.target_norm,
+                    target_smooth_um=args.target_smooth,
                 )
 
                 def report(ev, model_name=model_name, fold=fold):
@@ -228,6 +232,8 @@ def main(argv=None):
                 "weight_decay": args.weight_decay,
                 "tied_kv": args.tied_kv,
                 "drop_path_rate": args.drop_path,
+                "target_norm": args.target_norm,
+                "target_smooth_um": args.target_smooth,
                 "gene_panel": PANEL_RULES[args.panel_rule] + " (on the training sections)",
                 "validation": "held-out spatial blocks of each training section; score = mean over sections "
                 "of each section's own PCC-gene"

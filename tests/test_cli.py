@@ -131,6 +131,8 @@ def test_train_one_epoch_new_panel(her2st, tmp_path, capsys):
             "0.1",
             "--drop-path",
             "0.2",
+            "--target-norm",
+            "section_z",
             "--out",
             str(tmp_path / "run"),
         ]
@@ -143,7 +145,7 @@ def test_train_one_epoch_new_panel(her2st, tmp_path, capsys):
     model, card = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert len(card.genes) == 12 and card.target_mean is not None and card.metrics["best_epoch"] == 1
     recipe = card.metrics["train_config"]
-    assert recipe["drop_path"] == 0.2 and recipe["weight_decay"] == 0.1
+    assert recipe["drop_path"] == 0.2 and recipe["weight_decay"] == 0.1 and recipe["target_norm"] == "section_z"
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist[0]["epoch"] == 1 and "val" in hist[0]
 

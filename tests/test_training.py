@@ -144,3 +144,43 @@ def test_recipe_options_validation_per_section_and_fit(c2_cached):
         assert again["pcc_gene_mean"] == pytest.approx(res.best_metrics["pcc_gene_mean"], abs=1e-6)
     with pytest.raises(M2ORTError, match="geometry"):
         run_to_end(train(model, card, [tr], [], TrainConfig(epochs=1, geometry="twirl", device="cpu")))
+
+
+def test_section_targets_remove_section_offsets_but_keep_each_sections_order(c2_cached):
+    """A shallow section (B4-like: lower, noisier log1p-CPM) no longer differs from a deep
+    one in mean (and, for section_z, spread), while each gene's order within a section,
+    which PCC-gene scores, is untouched; training on it runs and records the choice."""
+    from napari_m2ort.training import section_normalized_targets
+
+    half = np.arange(len(c2_cached)) < len(c2_cached) // 2
+    deep = c2_cached.subset(half, ":a")
+    shallow = c2_cached.subset(~half, ":b")
+    shallow.y = (0.4 * shallow.y + 1.0).astype(np.float32)
+    n = len(deep)
+    keep = (deep.y.std(0) > 0) & (shallow.y.std(0) > 0)
+    for mode in ("section_center", "section_z"):
+        y, scale = section_normalized_targets([deep, shallow], mode)
+        assert y.shape == (len(deep) + len(shallow), len(deep.genes))
+        assert np.allclose(y[:n].mean(0), y[n:].mean(0), atol=1e-4)
+        for part, orig in ((y[:n], deep.y), (y[n:], shallow.y)):
+            r = [np.corrcoef(part[:, j], orig[:, j])[0, 1] for j in np.flatnonzero(keep)]
+            assert np.allclose(r, 1.0, atol=1e-5)
+        if mode == "section_z":
+            assert np.allclose(y[:n, keep].std(0), y[n:, keep].std(0), rtol=1e-3)
+            assert np.allclose(scale[keep], y[:n, keep].std(0), rtol=1e-3)
+    y, scale = section_normalized_targets([deep, shallow], "none")
+    assert np.array_equal(y[n:], shallow.y) and np.all(scale == 1)
+
+    torch.manual_seed(0)
+    model = timm.create_model("m2ort_small", num_classes=len(deep.genes), depth=1)
+    card = ModelCard(variant="m2ort_small", genes=deep.genes, mpp=0.69)
+    small = [deep.subset(np.arange(n) < 12), shallow.subset(np.arange(len(shallow)) < 12)]
+    cfg = TrainConfig(epochs=1, batch_size=12, device="cpu", target_norm="section_z")
+    res = run_to_end(train(model, card, small, [], cfg))
+    assert np.isfinite(res.history[0]["train_loss"])
+    with pytest.raises(M2ORTError, match="raw counts"):
+        run_to_end(
+            train(model, card, small, [], TrainConfig(epochs=1, device="cpu", loss="poisson", target_norm="section_z"))
+        )
+    with pytest.raises(M2ORTError, match="target normalisation"):
+        run_to_end(train(model, card, small, [], TrainConfig(epochs=1, device="cpu", target_norm="global")))

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stain", default="rgb", choices=STAINS, help="colour augmentation: RGB gains or HED stain jitter")
     p.add_argument("--color-jitter", type=float, default=0.0, help="amplitude of the colour augmentation (0 = off)")
     p.add_argument("--ema", type=float, default=0.0, help="decay of a moving average of the weights (0 = off)")
+    p.add_argument("--target-norm", default="none", choices=["none", "section_center", "section_z"],
+                   help="take between-section differences out of the targets: none; section_center (common mean "
+                        "profile); section_z (common mean and spread per gene, genes weighted equally)")  # fmt: skip
     p.add_argument("--val", default="blocks", help="'blocks' (held-out spatial blocks), 'none', or a section name")
     p.add_argument("--train-mpp", type=float, default=None, metavar="UM_PER_PX",
                    help="µm/px the model works at (default: the model's, or 0.69 for a new one)")  # fmt: skip
@@ -371,6 +374,7 @@ def _train_config(args):
         precision=args.precision, seed=args.seed, color_jitter=args.color_jitter, geometry=args.geometry,
         stain=args.stain, loss=args.loss, depth_k=args.depth_k, ema=args.ema, schedule=args.schedule,
         warmup_epochs=args.warmup, weight_decay=args.weight_decay, drop_path=args.drop_path,
+        target_norm=args.target_norm,
     )  # fmt: skip
     checks.train_config(cfg)
     checks.mpp(args.train_mpp, "Training resolution (--train-mpp)")

@@ -81,10 +81,72 @@ class TrainConfig:
     # so it is part of the recipe here, where the card records the recipe. A checkpoint
     # keeps the structure it was saved with.
     drop_path: float = 0.0
+    target_norm: str = "none"  # see TARGET_NORMS
+    # Gaussian sigma (µm) over each training section's own training spots, applied to the
+    # targets before the loss (0 = off); see smoothed_targets.
+    target_smooth_um: float = 0.0
     device: str = "auto"
     precision: str = "fp32"
     seed: int = 0
     eval_every: int = 1
+
+
+TARGET_NORMS = {
+    "none": "targets as measured (log1p panel-CPM)",
+    "section_center": "each training section's mean profile moved to the mean over sections",
+    "section_z": "each gene standardised within each training section, mapped back to the mean over "
+    "sections of its mean and spread; the loss weighs every gene equally",
+}
+
+
+def section_normalized_targets(sets: Sequence[CachedSection], mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets with the between-section differences taken out, and per-gene loss scales.
+
+    PCC-gene is measured within one section, so a section's mean profile (its depth,
+    its batch, B4's 19x shallower library) says nothing about the score, yet plain MSE
+    spends the model on it: the easiest way to lower the loss is to recognise which
+    section a patch comes from (stain, scanner) and predict that section's mean. Moving
+    every section to a common mean profile leaves only within-section variation to
+    learn. ``section_z`` also equalises the spread per section (B4's noise no longer
+    outweighs the deep sections) and weighs genes equally, as PCC-gene does. The targets
+    stay on the log1p-CPM scale, so the model's output keeps its meaning.
+    """
+    if mode not in TARGET_NORMS:
+        raise M2ORTError(f"Unknown target normalisation {mode!r}: use one of {', '.join(TARGET_NORMS)}.")
+    ys = [np.asarray(s.y, dtype=np.float64) for s in sets]
+    n_genes = ys[0].shape[1] if ys else 0
+    if mode == "none" or not ys:
+        return np.concatenate(ys).astype(np.float32), np.ones(n_genes, np.float32)
+    mus = np.stack([y.mean(0) for y in ys])
+    target_mu = mus.mean(0)
+    if mode == "section_center":
+        out = [y - mu + target_mu for y, mu in zip(ys, mus)]
+        return np.concatenate(out).astype(np.float32), np.ones(n_genes, np.float32)
+    sds = np.stack([y.std(0) for y in ys])
+    target_sd = np.maximum(sds.mean(0), 1e-3)
+    out = []
+    for y, mu, sd in zip(ys, mus, sds):
+        z = np.where(sd > 1e-6, (y - mu) / np.maximum(sd, 1e-6), 0.0)
+        out.append(target_mu + z * target_sd)
+    return np.concatenate(out).astype(np.float32), target_sd.astype(np.float32)
+
+
+def smoothed_targets(sets: Sequence[CachedSection], sigma_um: float) -> list[CachedSection]:
+    """Training sections whose targets are averaged over neighbouring training spots.
+
+    A spot's log1p-CPM is its expression plus counting noise that its neighbours do not
+    share (B4's spots carry a few hundred counts). Averaging over neighbours of the
+    same section trades a little spatial detail for much less noise in what the loss
+    chases. Only training spots take part, so held-out blocks never leak in; validation
+    and every reported metric still use the measured targets.
+    """
+    import dataclasses
+
+    from .tta import smooth
+
+    if not sigma_um:
+        return list(sets)
+    return [dataclasses.replace(s, y=smooth(s.y, s.centers_um, sigma_um)) for s in sets]
 
 
 @dataclass
@@ -274,7 +336,8 @@ def train(
         amp = None  # "auto" on MPS: this loop has no loss scaling, and fp16 gradients underflow
     model = model.to(dev)
     level1 = np.concatenate([s.level1 for s in train_sets])
-    y = torch.from_numpy(np.concatenate([s.y for s in train_sets]).astype(np.float32))
+    y_np, gene_scale = section_normalized_targets(smoothed_targets(train_sets, cfg.target_smooth_um), cfg.target_norm)
+    y = torch.from_numpy(y_np)
     geometry = cfg.geometry if cfg.rotate or cfg.geometry != "rotate" else "flips"
     if geometry not in GEOMETRIES:
         raise M2ORTError(f"Unknown augmentation geometry {cfg.geometry!r}: use one of {', '.join(GEOMETRIES)}.")
@@ -287,6 +350,12 @@ def train(
             raise M2ORTError(f"The {cfg.loss!r} loss needs raw panel counts; prepare the sections again.")
         counts = torch.from_numpy(np.concatenate([s.counts for s in train_sets]).astype(np.float32))
         depth = torch.from_numpy(np.concatenate([s.depth for s in train_sets]).astype(np.float32))
+    if cfg.target_norm != "none" and cfg.loss in ("poisson", "nb"):
+        raise M2ORTError(
+            f"Target normalisation {cfg.target_norm!r} changes the log1p-CPM targets, and the {cfg.loss!r} loss "
+            "models the raw counts: use it with 'mse' or 'mse_depth', or set the normalisation to 'none'."
+        )
+    inv_scale = None if cfg.target_norm != "section_z" else torch.from_numpy(1.0 / gene_scale).to(dev)
     train_mean = y.mean(0).numpy()
     if card.target_mean is None:
         # A new head starts at the training mean profile rather than at zero: targets are
@@ -333,6 +402,8 @@ def train(
             target = y[idx].to(dev)
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 pred = model(l1, l2, l3)
+            if inv_scale is not None:  # equal weight per gene: MSE of the standardised values
+                pred, target = pred.float() * inv_scale, target * inv_scale
             loss = criterion(
                 pred,
                 target,

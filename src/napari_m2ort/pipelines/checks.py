@@ -264,6 +264,15 @@ def train_config(cfg) -> None:
         raise M2ORTError(f"Unknown fine-tuning mode {cfg.mode!r}: use 'full' or 'head'.")
     if cfg.schedule not in ("constant", "cosine"):
         raise M2ORTError(f"Unknown learning-rate schedule {cfg.schedule!r}: use 'constant' or 'cosine'.")
+    from ..training import TARGET_NORMS
+
+    if getattr(cfg, "target_norm", "none") not in TARGET_NORMS:
+        raise M2ORTError(f"Unknown target normalisation {cfg.target_norm!r}: use one of {', '.join(TARGET_NORMS)}.")
+    if cfg.target_norm != "none" and cfg.loss in ("poisson", "nb"):
+        raise M2ORTError(
+            f"Target normalisation {cfg.target_norm!r} changes the log1p-CPM targets, and the {cfg.loss!r} loss "
+            "models the raw counts: use it with 'mse' or 'mse_depth', or set --target-norm none."
+        )
     number("Seed", cfg.seed, lo=0, hi=2**32 - 1, integer=True)
 
 
