@@ -133,6 +133,8 @@ def test_train_one_epoch_new_panel(her2st, tmp_path, capsys):
             "0.2",
             "--target-norm",
             "section_z",
+            "--target-smooth",
+            "100",
             "--out",
             str(tmp_path / "run"),
         ]
@@ -146,6 +148,7 @@ def test_train_one_epoch_new_panel(her2st, tmp_path, capsys):
     assert len(card.genes) == 12 and card.target_mean is not None and card.metrics["best_epoch"] == 1
     recipe = card.metrics["train_config"]
     assert recipe["drop_path"] == 0.2 and recipe["weight_decay"] == 0.1 and recipe["target_norm"] == "section_z"
+    assert recipe["target_smooth_um"] == 100.0
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist[0]["epoch"] == 1 and "val" in hist[0]
 

@@ -184,3 +184,22 @@ def test_section_targets_remove_section_offsets_but_keep_each_sections_order(c2_
         )
     with pytest.raises(M2ORTError, match="target normalisation"):
         run_to_end(train(model, card, small, [], TrainConfig(epochs=1, device="cpu", target_norm="global")))
+
+
+def test_smoothed_targets_average_neighbours_within_training_spots_only(c2_cached):
+    """Neighbour averaging lowers the spot-to-spot noise of the targets, keeps each gene's
+    mean, never touches the patches, and a spot far from all others keeps its value."""
+    from napari_m2ort.training import smoothed_targets
+
+    val = spatial_block_split(c2_cached.centers_um)
+    tr = c2_cached.subset(~val, ":train")
+    (sm,) = smoothed_targets([tr], 150.0)
+    assert sm.level1 is tr.level1 and sm.y.shape == tr.y.shape
+    assert np.allclose(sm.y.mean(0), tr.y.mean(0), atol=0.15)
+    assert np.all(sm.y.std(0) <= tr.y.std(0) + 1e-6) and sm.y.std(0).mean() < 0.9 * tr.y.std(0).mean()
+    assert smoothed_targets([tr], 0.0)[0] is tr
+    lone = tr.subset(np.arange(len(tr)) < 3)
+    lone.centers_um = np.array([[0.0, 0.0], [5000.0, 0.0], [0.0, 5000.0]])
+    assert np.allclose(smoothed_targets([lone], 150.0)[0].y, lone.y)
+    with pytest.raises(M2ORTError, match="moothing"):
+        smoothed_targets([tr], -5.0)

@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-norm", default="none", choices=["none", "section_center", "section_z"],
                    help="take between-section differences out of the targets: none; section_center (common mean "
                         "profile); section_z (common mean and spread per gene, genes weighted equally)")  # fmt: skip
+    p.add_argument("--target-smooth", type=float, default=0.0, metavar="UM",
+                   help="Gaussian sigma in µm: train on targets averaged over neighbouring training spots (0 = off)")  # fmt: skip
     p.add_argument("--val", default="blocks", help="'blocks' (held-out spatial blocks), 'none', or a section name")
     p.add_argument("--train-mpp", type=float, default=None, metavar="UM_PER_PX",
                    help="µm/px the model works at (default: the model's, or 0.69 for a new one)")  # fmt: skip
@@ -374,7 +376,7 @@ def _train_config(args):
         precision=args.precision, seed=args.seed, color_jitter=args.color_jitter, geometry=args.geometry,
         stain=args.stain, loss=args.loss, depth_k=args.depth_k, ema=args.ema, schedule=args.schedule,
         warmup_epochs=args.warmup, weight_decay=args.weight_decay, drop_path=args.drop_path,
-        target_norm=args.target_norm,
+        target_norm=args.target_norm, target_smooth_um=args.target_smooth,
     )  # fmt: skip
     checks.train_config(cfg)
     checks.mpp(args.train_mpp, "Training resolution (--train-mpp)")

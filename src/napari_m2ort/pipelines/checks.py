@@ -260,6 +260,7 @@ def train_config(cfg) -> None:
     number("Depth weight k", cfg.depth_k, above=0.0, hi=1e9)
     number("EMA decay", cfg.ema, lo=0.0, hi=0.99999)
     number("Drop path", cfg.drop_path, lo=0.0, hi=0.9)
+    number("Target smoothing (µm)", getattr(cfg, "target_smooth_um", 0.0), lo=0.0, hi=5000.0)
     if cfg.mode not in ("full", "head"):
         raise M2ORTError(f"Unknown fine-tuning mode {cfg.mode!r}: use 'full' or 'head'.")
     if cfg.schedule not in ("constant", "cosine"):
