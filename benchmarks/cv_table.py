@@ -72,6 +72,10 @@ def recipe(rec: dict) -> str:
         text += f", {rec['stain']} stain"
     if rec.get("ema"):
         text += f", EMA {rec['ema']:g}"
+    if rec.get("target_norm", "none") != "none":
+        text += f", targets {rec['target_norm']}"
+    if rec.get("target_smooth_um"):
+        text += f", targets smoothed {rec['target_smooth_um']:g} µm"
     if rec.get("precision", "bf16") != "bf16":
         text += f", {rec['precision']}"
     extra = [s for s in rec.get("train_sections", []) if not s.startswith("C")]
