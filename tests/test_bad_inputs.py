@@ -235,6 +235,8 @@ def test_colour_flags_on_real_images(tmp_path):
         (["--ema", "1.5"], "ema"),
         (["--warmup", "-1"], "warmup"),
         (["--loss", "l1"], "invalid choice"),
+        (["--target-smooth", "-5"], "target smoothing"),
+        (["--target-norm", "section_z", "--loss", "poisson"], "raw counts"),
     ],
 )
 def test_train_bad_numbers(capsys, tmp_path, extra, words):
@@ -253,6 +255,15 @@ def test_train_out_is_a_file_or_holds_a_model(capsys, tmp_path):
     (run / "model.safetensors").write_text("an earlier model")
     line = _refused(capsys, ["train", "--her2st", tmp_path, "--sections", "C2", "--out", run])
     assert "--overwrite" in line and (run / "model.safetensors").read_text() == "an earlier model"
+
+
+def test_train_refused_by_the_model_leaves_no_folder(capsys, tmp_path, her2st):
+    """Drop path is built into a new model only: the bundled one refuses it, after the
+    output folder was made; the folder goes again, so nothing half-made stays."""
+    out = tmp_path / "new" / "run"
+    argv = ["train", "--her2st", her2st, "--sections", "C2", "--model", "bundled", "--drop-path", "0.2", "--out", out]
+    line = _refused(capsys, argv, [out, out.parent])
+    assert "drop path" in line.lower(), line
 
 
 def test_evaluate_bad_output_and_options(capsys, tmp_path):

@@ -395,8 +395,15 @@ def cmd_train(args) -> int:
         sections, model=args.model, genes=args.genes, val=args.val, config=cfg, out_path=out / "model.safetensors",
         train_mpp=args.train_mpp, tied_kv=args.tied_kv, cache_dir=args.cache, panel_rule=args.panel_rule,
     )  # fmt: skip
+    made = [d for d in (out, *out.parents) if not d.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)
-    res = _run(fine_tune(request))
+    try:
+        res = _run(fine_tune(request))
+    except BaseException:
+        for d in made:  # a refused or failed run leaves no empty folders behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
     write_json(out / "history.json", res.history)
     last = res.history[-1]["train_loss"] if res.history else float("nan")
     print(f"best epoch {res.best_epoch}; training loss (mean over the last epoch's steps) {last:.4f}")
