@@ -89,7 +89,7 @@ def main(argv=None):
     from napari_m2ort.progress import run_to_end
     from napari_m2ort.targets import PANEL_RULES, select_panel
     from napari_m2ort.train_setup import build_model, new_card
-    from napari_m2ort.training import TrainConfig, prepare_section, spatial_block_split, train
+    from napari_m2ort.training import TARGET_NORMS, TrainConfig, prepare_section, spatial_block_split, train
 
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "her2st"))
@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--tied-kv", action="store_true")
     p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--target-norm", default="none", choices=["none", "section_center", "section_z"])
+    p.add_argument("--target-norm", default="none", choices=list(TARGET_NORMS))
     p.add_argument("--target-smooth", type=float, default=0.0, help="sigma (um) of training-target smoothing")
     p.add_argument("--n-genes", type=int, default=250)
     p.add_argument("--panel-rule", default="mean_log1p_cpm", choices=sorted(PANEL_RULES))

@@ -231,9 +231,10 @@ def test_cli_choices_match_the_core():
     from napari_m2ort.augment import GEOMETRIES, STAINS
     from napari_m2ort.losses import LOSSES
     from napari_m2ort.targets import PANEL_RULES
+    from napari_m2ort.training import TARGET_NORMS
 
     assert cli.LOSSES == tuple(LOSSES) and cli.GEOMETRIES == tuple(GEOMETRIES) and cli.STAINS == tuple(STAINS)
-    assert cli.PANEL_RULES == tuple(PANEL_RULES)
+    assert cli.PANEL_RULES == tuple(PANEL_RULES) and cli.TARGET_NORMS == tuple(TARGET_NORMS)
 
 
 def test_section_table():

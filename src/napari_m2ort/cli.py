@@ -18,12 +18,14 @@ from .errors import M2ORTError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LAYOUTS = ("visium", "st", "custom")
-# Names of the training recipe (checked against losses.LOSSES, augment.GEOMETRIES/STAINS
-# and targets.PANEL_RULES by tests/test_cli.py: those modules import torch, --help must not).
+# Names of the training recipe (checked against losses.LOSSES, augment.GEOMETRIES/STAINS,
+# targets.PANEL_RULES and training.TARGET_NORMS by tests/test_cli.py: those modules import
+# torch, --help must not).
 LOSSES = ("mse", "mse_depth", "poisson", "nb")
 GEOMETRIES = ("rotate", "dihedral", "flips", "none")
 STAINS = ("rgb", "hed", "none")
 PANEL_RULES = ("mean_log1p_cpm", "markers+mean_log1p_cpm")
+TARGET_NORMS = ("none", "section_center", "section_z")
 OVERWRITE_HELP = "replace an existing output (without it, an existing output is refused)"
 
 
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stain", default="rgb", choices=STAINS, help="colour augmentation: RGB gains or HED stain jitter")
     p.add_argument("--color-jitter", type=float, default=0.0, help="amplitude of the colour augmentation (0 = off)")
     p.add_argument("--ema", type=float, default=0.0, help="decay of a moving average of the weights (0 = off)")
-    p.add_argument("--target-norm", default="none", choices=["none", "section_center", "section_z"],
+    p.add_argument("--target-norm", default="none", choices=TARGET_NORMS,
                    help="take between-section differences out of the targets: none; section_center (common mean "
                         "profile); section_z (common mean and spread per gene, genes weighted equally)")  # fmt: skip
     p.add_argument("--target-smooth", type=float, default=0.0, metavar="UM",

@@ -111,11 +111,9 @@ def section_normalized_targets(sets: Sequence[CachedSection], mode: str) -> tupl
     outweighs the deep sections) and weighs genes equally, as PCC-gene does. The targets
     stay on the log1p-CPM scale, so the model's output keeps its meaning.
     """
-    if mode not in TARGET_NORMS:
-        raise M2ORTError(f"Unknown target normalisation {mode!r}: use one of {', '.join(TARGET_NORMS)}.")
     ys = [np.asarray(s.y, dtype=np.float64) for s in sets]
-    n_genes = ys[0].shape[1] if ys else 0
-    if mode == "none" or not ys:
+    n_genes = ys[0].shape[1]
+    if mode == "none":
         return np.concatenate(ys).astype(np.float32), np.ones(n_genes, np.float32)
     mus = np.stack([y.mean(0) for y in ys])
     target_mu = mus.mean(0)
@@ -129,6 +127,17 @@ def section_normalized_targets(sets: Sequence[CachedSection], mode: str) -> tupl
         z = np.where(sd > 1e-6, (y - mu) / np.maximum(sd, 1e-6), 0.0)
         out.append(target_mu + z * target_sd)
     return np.concatenate(out).astype(np.float32), target_sd.astype(np.float32)
+
+
+def check_target_options(cfg: TrainConfig) -> None:
+    """Refuses target options that do not fit together, before any data is read."""
+    if cfg.target_norm not in TARGET_NORMS:
+        raise M2ORTError(f"Unknown target normalisation {cfg.target_norm!r}: use one of {', '.join(TARGET_NORMS)}.")
+    if cfg.target_norm != "none" and cfg.loss in ("poisson", "nb"):
+        raise M2ORTError(
+            f"Target normalisation {cfg.target_norm!r} changes the log1p-CPM targets, and the {cfg.loss!r} loss "
+            "models the raw counts: use it with 'mse' or 'mse_depth', or set the normalisation to 'none'."
+        )
 
 
 def smoothed_targets(sets: Sequence[CachedSection], sigma_um: float) -> list[CachedSection]:
@@ -336,6 +345,7 @@ def train(
         amp = None  # "auto" on MPS: this loop has no loss scaling, and fp16 gradients underflow
     model = model.to(dev)
     level1 = np.concatenate([s.level1 for s in train_sets])
+    check_target_options(cfg)
     y_np, gene_scale = section_normalized_targets(smoothed_targets(train_sets, cfg.target_smooth_um), cfg.target_norm)
     y = torch.from_numpy(y_np)
     geometry = cfg.geometry if cfg.rotate or cfg.geometry != "rotate" else "flips"
@@ -350,11 +360,6 @@ def train(
             raise M2ORTError(f"The {cfg.loss!r} loss needs raw panel counts; prepare the sections again.")
         counts = torch.from_numpy(np.concatenate([s.counts for s in train_sets]).astype(np.float32))
         depth = torch.from_numpy(np.concatenate([s.depth for s in train_sets]).astype(np.float32))
-    if cfg.target_norm != "none" and cfg.loss in ("poisson", "nb"):
-        raise M2ORTError(
-            f"Target normalisation {cfg.target_norm!r} changes the log1p-CPM targets, and the {cfg.loss!r} loss "
-            "models the raw counts: use it with 'mse' or 'mse_depth', or set the normalisation to 'none'."
-        )
     inv_scale = None if cfg.target_norm != "section_z" else torch.from_numpy(1.0 / gene_scale).to(dev)
     train_mean = y.mean(0).numpy()
     if card.target_mean is None:

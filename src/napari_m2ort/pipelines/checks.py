@@ -260,20 +260,14 @@ def train_config(cfg) -> None:
     number("Depth weight k", cfg.depth_k, above=0.0, hi=1e9)
     number("EMA decay", cfg.ema, lo=0.0, hi=0.99999)
     number("Drop path", cfg.drop_path, lo=0.0, hi=0.9)
-    number("Target smoothing (µm)", getattr(cfg, "target_smooth_um", 0.0), lo=0.0, hi=5000.0)
+    number("Target smoothing (µm)", cfg.target_smooth_um, lo=0.0, hi=5000.0)
     if cfg.mode not in ("full", "head"):
         raise M2ORTError(f"Unknown fine-tuning mode {cfg.mode!r}: use 'full' or 'head'.")
     if cfg.schedule not in ("constant", "cosine"):
         raise M2ORTError(f"Unknown learning-rate schedule {cfg.schedule!r}: use 'constant' or 'cosine'.")
-    from ..training import TARGET_NORMS
+    from ..training import check_target_options
 
-    if getattr(cfg, "target_norm", "none") not in TARGET_NORMS:
-        raise M2ORTError(f"Unknown target normalisation {cfg.target_norm!r}: use one of {', '.join(TARGET_NORMS)}.")
-    if cfg.target_norm != "none" and cfg.loss in ("poisson", "nb"):
-        raise M2ORTError(
-            f"Target normalisation {cfg.target_norm!r} changes the log1p-CPM targets, and the {cfg.loss!r} loss "
-            "models the raw counts: use it with 'mse' or 'mse_depth', or set --target-norm none."
-        )
+    check_target_options(cfg)
     number("Seed", cfg.seed, lo=0, hi=2**32 - 1, integer=True)
 
 
